@@ -1,0 +1,155 @@
+"""The one change to Ultralytics' model parser: ``parse_model`` learns about registered so-det-ultra blocks.
+
+``parse_model`` (ultralytics/nn/tasks.py) looks a YAML module name up with ``globals()[m]`` and computes channels only
+for layers it knows; anything else falls through to ``else: c2 = ch[f]`` with its arguments unscaled. We recompile
+that function from its own source (real file name and line numbers, so tracebacks point at Ultralytics' file) with
+two edits, each anchored on one exact expression and failing loudly if the anchor is missing:
+
+1. ``globals()[m]``  ->  ``_so_det_ultra_parse.lookup(m, i, globals())``: Ultralytics' names first, then the block
+   registry; an unknown name raises an error naming the layer and listing the registered blocks.
+2. the final ``else: c2 = ch[f]``  ->  ``c2, args, n = _so_det_ultra_parse.channels(...)``: registered blocks get their
+   own channel rule; every other module keeps exactly ``c2 = ch[f]``.
+
+A thin Python wrapper adds the ``c3k_scales`` model-YAML key (see :func:`apply_c3k_scales`). Nothing of Ultralytics is
+copied: the source is read from the installed package at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import inspect
+import textwrap
+
+from so_det_ultra.registry import BLOCKS, LayerSpec, ModelBuildError, UnknownBlockError
+
+HOOK_NAME = "_so_det_ultra_parse"  # the single name this module adds to ultralytics.nn.tasks' globals
+
+
+class ParseHooks:
+    """What the recompiled ``parse_model`` calls."""
+
+    @staticmethod
+    def lookup(name, i, namespace):
+        if name in namespace:
+            return namespace[name]  # Ultralytics' own name always wins
+        _import_blocks()
+        if name in BLOCKS:
+            return BLOCKS.get(name).cls
+        raise UnknownBlockError(f"model YAML layer {i}: {BLOCKS.unknown_message(name)}")
+
+    @staticmethod
+    def channels(m, *, i, f, n, args, ch, width, max_channels, scale):
+        entry = BLOCKS.find_class(m)
+        if entry is None:
+            return ch[f], args, n  # stock behaviour for every non-plugin module
+        spec = LayerSpec(i, f, n, list(args), ch, width, max_channels, scale, entry.name)
+        try:
+            return entry.channels(spec)
+        except ModelBuildError:
+            raise
+        except (IndexError, TypeError, ValueError) as err:
+            raise ModelBuildError(f"model YAML layer {i} ({entry.name}, from={f}, args={args}): {err}") from err
+
+
+def _import_blocks():
+    import so_det_ultra.nn  # noqa: F401  (registers every block family)
+
+
+def _is_globals_subscript(node):
+    return (
+        isinstance(node, ast.Subscript)
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Name)
+        and node.value.func.id == "globals"
+        and isinstance(node.slice, ast.Name)
+        and node.slice.id == "m"
+    )
+
+
+def _is_fallback(stmts):
+    """``c2 = ch[f]`` as the whole body."""
+    return len(stmts) == 1 and ast.unparse(stmts[0]).replace(" ", "") == "c2=ch[f]"
+
+
+class _Edit(ast.NodeTransformer):
+    def __init__(self):
+        self.lookups = self.fallbacks = 0
+
+    def visit_Subscript(self, node):
+        self.generic_visit(node)
+        if not _is_globals_subscript(node):
+            return node
+        self.lookups += 1
+        call = ast.parse(f"{HOOK_NAME}.lookup(m, i, globals())", mode="eval").body
+        return ast.copy_location(call, node)
+
+    def visit_If(self, node):
+        self.generic_visit(node)
+        if _is_fallback(node.orelse):
+            self.fallbacks += 1
+            new = ast.parse(
+                f"c2, args, n = {HOOK_NAME}.channels(m, i=i, f=f, n=n, args=args, ch=ch, width=width, "
+                "max_channels=max_channels, scale=scale)"
+            ).body
+            node.orelse = [ast.copy_location(s, node.orelse[0]) for s in new]
+        return node
+
+
+def build_parse_model(original, module):
+    """Recompile ``original`` (Ultralytics' parse_model) with the two edits; raise RuntimeError if an anchor is off."""
+    lines, first = inspect.getsourcelines(original)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    ast.increment_lineno(tree, first - 1)
+    fn = tree.body[0]
+    assigned = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    missing = {"width", "max_channels", "scale", "ch", "args", "n", "i", "f", "m"} - assigned - {
+        a.arg for a in fn.args.args
+    }
+    edit = _Edit()
+    edit.visit(fn)
+    if edit.lookups != 1 or edit.fallbacks != 1 or missing:
+        raise RuntimeError(
+            f"so-det-ultra cannot patch {module.__name__}.parse_model: expected one `globals()[m]` and one "
+            f"`else: c2 = ch[f]`, found {edit.lookups} and {edit.fallbacks}; missing variables {sorted(missing)}. "
+            "This Ultralytics version is not supported."
+        )
+    fn.decorator_list = []
+    ast.fix_missing_locations(tree)
+    namespace = {}
+    exec(compile(tree, inspect.getsourcefile(original), "exec"), module.__dict__, namespace)
+    patched = namespace[original.__name__]
+    functools.update_wrapper(patched, original)
+    return patched
+
+
+def apply_c3k_scales(d: dict) -> dict:
+    """Honour a model YAML's ``c3k_scales`` key (so-det-ultra extension); return the dict to hand to parse_model.
+
+    Ultralytics forces ``c3k=True`` in every C3k2 for scales named m, l or x, whatever the YAML says. A model whose
+    scales do not follow YOLO11's letters (SO-Det's m is YOLO11-s) lists the scales that should use C3k instead, e.g.
+    ``c3k_scales: [l, x]``: for those, every C3k2 gets c3k=True; for the others the YAML's own flags stand.
+    """
+    wanted = d.get("c3k_scales")
+    scale = d.get("scale") or next(iter(d.get("scales") or {}), "")
+    if wanted is None or not scale:
+        return d
+    d = copy.deepcopy(d)
+    if scale in (d.get("scales") or {}):
+        alias = f"{scale}*"  # not a letter Ultralytics special-cases
+        d["scales"] = {**d["scales"], alias: d["scales"][scale]}
+        d["scale"] = alias
+    if scale in wanted:
+        for row in d.get("backbone", []) + d.get("head", []):
+            if row[2] == "C3k2":
+                row[3] = [*row[3][:1], True, *row[3][2:]] if len(row[3]) >= 1 else row[3]
+    return d
+
+
+def wrap_parse_model(parse):
+    @functools.wraps(parse)
+    def parse_model(d, ch, verbose=True):
+        return parse(apply_c3k_scales(d), ch, verbose)
+
+    return parse_model

@@ -1,0 +1,191 @@
+"""Feature fusion for SO-Det's cross-layer weighted architecture (CLWA): EAFusion and WeightedConcat.
+
+Sources:
+    SO-Det (seed 000; official ``models/nn/EAFusion.py``): EAFusion = enhanced content-guided attention (ECGA) fusion.
+    DEA-Net (Chen et al., IEEE TIP 2024, sec. III-C, eqs. 7-10; code ``cga.py``/``fusion.py``): CGA channel, spatial and
+    pixel attention and the ``w*x + (1-w)*y`` fusion. SimAM (Yang et al., ICML 2021, eq. 5). SWS (Conv followed by
+    SimAM on spatial windows). BiFPN fast normalised fusion (Tan et al., CVPR 2020, sec. 3.3) for WeightedConcat.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from ultralytics.nn.modules import Conv
+
+from so_det_ultra import channels
+from so_det_ultra.registry import register_block
+
+
+def simam(x: torch.Tensor, parts: int = 1, lam: float = 1e-4) -> torch.Tensor:
+    """SimAM (eq. 5) on each of ``parts x parts`` spatial windows: x * sigmoid(d / (4 (sum(d)/n + lam)) + 0.5).
+
+    d = (x - mean)^2 over the window, n = window pixels - 1. ``parts=1`` is plain SimAM. H and W must divide by parts.
+    """
+    b, c, h, w = x.shape
+    xq = x.reshape(b, c, parts, h // parts, parts, w // parts)
+    d = (xq - xq.mean((3, 5), keepdim=True)).pow(2)
+    n = (h // parts) * (w // parts) - 1
+    e = d / (4 * (d.sum((3, 5), keepdim=True) / n + lam)) + 0.5
+    return (xq * e.sigmoid()).reshape(b, c, h, w)
+
+
+@register_block(channels=channels.same)
+class SimAM(nn.Module):
+    """Parameter-free attention SimAM (Yang et al., ICML 2021, eq. 5), optionally per ``parts x parts`` windows."""
+
+    def __init__(self, channels: int = 0, parts: int = 1, lam: float = 1e-4):
+        super().__init__()
+        self.parts, self.lam = parts, lam
+
+    def forward(self, x):
+        return simam(x, self.parts, self.lam)
+
+
+@register_block(channels=channels.scaled)
+class SWSConv(nn.Module):
+    """Conv_SWS: 1x1 Conv (no bias) -> BN -> act, then SimAM on each of 2x2 spatial quadrants (SO-Det's EAFusion tail).
+
+    Interpretation: "SWS" windows are the 2x2 quadrants of the map (``parts=2``); configurable.
+    """
+
+    def __init__(self, c1: int, c2: int, parts: int = 2):
+        super().__init__()
+        self.conv = Conv(c1, c2, 1)
+        self.parts = parts
+
+    def forward(self, x):
+        return simam(self.conv(x), self.parts)
+
+
+@register_block(channels=channels.same)
+class CGAChannelAttention(nn.Module):
+    """CGA channel attention (DEA-Net eq. 7, no sigmoid): GAP -> 1x1 C->C/r (bias) -> ReLU -> 1x1 C/r->C (bias)."""
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.fc = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3), keepdim=True))
+
+
+@register_block(channels=channels.same)
+class CGASpatialAttention(nn.Module):
+    """CGA spatial attention (DEA-Net eq. 8, no sigmoid): [mean_c, max_c] -> 7x7 conv 2->1 (reflect pad, bias)."""
+
+    def __init__(self, channels: int = 0, k: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, k, padding=k // 2, padding_mode="reflect")
+
+    def forward(self, x):
+        return self.conv(torch.cat((x.mean(1, keepdim=True), x.amax(1, keepdim=True)), 1))
+
+
+@register_block(channels=channels.same)
+class CGAPixelAttention(nn.Module):
+    """CGA pixel attention (DEA-Net eq. 9): sigmoid(GroupConv_7x7(interleave(x, p))), groups=C, reflect pad, bias.
+
+    The reference interleaves channels (x_0, p_0, x_1, p_1, ...) into 2C and runs a grouped 2C->C conv. A grouped conv
+    over interleaved pairs is the sum of two depthwise convs, one per member of the pair, so :meth:`forward` does that
+    without the interleave copy; :meth:`forward_interleaved` is the reference (same weights, same result).
+    """
+
+    def __init__(self, channels: int, k: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2 * channels, channels, k, padding=k // 2, padding_mode="reflect", groups=channels)
+
+    def _pad(self, t):
+        p = self.conv.kernel_size[0] // 2
+        return F.pad(t, (p, p, p, p), mode="reflect")
+
+    def forward(self, x, p):
+        w, c = self.conv.weight, x.shape[1]
+        y = F.conv2d(self._pad(x), w[:, :1], None, groups=c) + F.conv2d(self._pad(p), w[:, 1:], self.conv.bias, groups=c)
+        return y.sigmoid()
+
+    def forward_interleaved(self, x, p):
+        b, c, h, w = x.shape
+        return self.conv(torch.stack((x, p), 2).reshape(b, 2 * c, h, w)).sigmoid()
+
+
+@register_block(channels=channels.equal_inputs)
+class EAFusion(nn.Module):
+    """Enhanced Attention Fusion (SO-Det EAFusion / ECGA) of a backbone map x and a neck map y with equal channels.
+
+    Source: SO-Det official ``EAFusion`` (seed 000), built on DEA-Net's CGA fusion (eqs. 7-10)::
+
+        i     = x + y
+        p1    = SA(i) * CA(i)            (combine="mul", SO-Det; DEA-Net adds: combine="add")
+        p2    = PA(i, p1)                (sigmoid inside)
+        out   = act(w0 * i + p2 * x + (1 - p2) * y),  w0 learnable scalar (init 1.0)
+        out   = SWSConv(out)             (1x1 Conv-BN-act, then SimAM per 2x2 quadrant)
+
+    Interpretations: ``act`` is the model's activation (``activation:`` in the YAML; SiLU by default, as released);
+    a single sigmoid on PA (the released code removed a second one); CA reduction 8.
+
+    Args:
+        channels (int): Channels of both inputs and of the output. reduction (int): CA reduction.
+        combine (str): "mul" or "add" for p1. parts (int): SimAM windows per side in SWSConv.
+
+    Examples:
+        >>> m = EAFusion(32)
+        >>> m([torch.randn(1, 32, 16, 16), torch.randn(1, 32, 16, 16)]).shape
+        torch.Size([1, 32, 16, 16])
+    """
+
+    def __init__(self, channels: int, reduction: int = 8, combine: str = "mul", parts: int = 2):
+        super().__init__()
+        if combine not in {"mul", "add"}:
+            raise ValueError(f"EAFusion combine must be 'mul' or 'add', got {combine!r}")
+        self.add = combine == "add"
+        self.ca = CGAChannelAttention(channels, reduction)
+        self.sa = CGASpatialAttention(channels)
+        self.pa = CGAPixelAttention(channels)
+        self.w0 = nn.Parameter(torch.tensor(1.0))
+        self.act = Conv.default_act
+        self.sws = SWSConv(channels, channels, parts)
+
+    def forward(self, xs):
+        x, y = xs
+        i = x + y
+        p1 = self.sa(i) + self.ca(i) if self.add else self.sa(i) * self.ca(i)
+        p2 = self.pa(i, p1)
+        return self.sws(self.act(self.w0 * i + p2 * x + (1 - p2) * y))
+
+
+@register_block(channels=channels.concat)
+class WeightedConcat(nn.Module):
+    """Concatenate inputs after scaling each by a learnable, non-negative, normalised weight (SO-Det CLWA links).
+
+    w_i = (relu(v_i) + eps) / sum_j (relu(v_j) + eps); out = cat_i(w_i * x_i) along channels.
+
+    Source: SO-Det CLWA (seed 000); the class was not released, so the form is an interpretation: BiFPN's fast
+    normalised fusion (Tan et al., CVPR 2020, eq. 3) applied before concatenation. ``eps`` is added per weight, so the
+    weights always sum to exactly 1, even when every v_i is negative. ``init`` sets v (default all ones).
+
+    Args:
+        channels (list[int]): Channels of each input (output channels are their sum). init (list[float] | None).
+
+    Examples:
+        >>> WeightedConcat([8, 16])([torch.randn(1, 8, 4, 4), torch.randn(1, 16, 4, 4)]).shape
+        torch.Size([1, 24, 4, 4])
+    """
+
+    def __init__(self, channels: list, init: list | None = None, eps: float = 1e-4):
+        super().__init__()
+        init = [1.0] * len(channels) if init is None else [float(v) for v in init]
+        if len(init) != len(channels):
+            raise ValueError(f"WeightedConcat got {len(channels)} inputs but {len(init)} initial weights")
+        self.weight = nn.Parameter(torch.tensor(init))
+        self.eps = eps
+
+    def normalized_weights(self) -> torch.Tensor:
+        w = self.weight.relu() + self.eps
+        return w / w.sum()
+
+    def forward(self, xs):
+        w = self.normalized_weights()
+        return torch.cat([w[k] * x for k, x in enumerate(xs)], 1)
