@@ -39,7 +39,9 @@ class LayerSpec:
         i (int): Layer index. f (int | list[int]): ``from``. n (int): repeats after depth scaling.
         args (list): YAML arguments (strings such as ``nc`` already resolved). ch (list[int]): output channels of the
         layers built so far (``ch[-1]`` is the previous layer). width (float), max_channels (float), scale (str): the
-        model scale in use. name (str): the module name as written in the YAML.
+        model scale in use. name (str): the module name as written in the YAML. yaml (dict): the whole model
+        dict (``nc``, ``reg_max``, ``end2end``, ...). legacy (bool): Ultralytics' head-style flag at this row (False
+        once a YOLO11-era block such as C3k2 has been seen); heads that subclass ``Detect`` need it.
     """
 
     i: int
@@ -51,7 +53,8 @@ class LayerSpec:
     max_channels: float = float("inf")
     scale: str = ""
     name: str = ""
-    extra: dict = field(default_factory=dict)
+    yaml: dict = field(default_factory=dict)
+    legacy: bool = True
 
     def fail(self, message: str):
         """Raise :class:`ModelBuildError` naming this layer."""

@@ -40,11 +40,11 @@ class ParseHooks:
         raise UnknownBlockError(f"model YAML layer {i}: {BLOCKS.unknown_message(name)}")
 
     @staticmethod
-    def channels(m, *, i, f, n, args, ch, width, max_channels, scale):
+    def channels(m, *, i, f, n, args, ch, width, max_channels, scale, d, legacy):
         entry = BLOCKS.find_class(m)
         if entry is None:
             return ch[f], args, n  # stock behaviour for every non-plugin module
-        spec = LayerSpec(i, f, n, list(args), ch, width, max_channels, scale, entry.name)
+        spec = LayerSpec(i, f, n, list(args), ch, width, max_channels, scale, entry.name, d, legacy)
         try:
             return entry.channels(spec)
         except ModelBuildError:
@@ -91,7 +91,7 @@ class _Edit(ast.NodeTransformer):
             self.fallbacks += 1
             new = ast.parse(
                 f"c2, args, n = {HOOK_NAME}.channels(m, i=i, f=f, n=n, args=args, ch=ch, width=width, "
-                "max_channels=max_channels, scale=scale)"
+                "max_channels=max_channels, scale=scale, d=d, legacy=legacy)"
             ).body
             node.orelse = [ast.copy_location(s, node.orelse[0]) for s in new]
         return node
@@ -104,7 +104,7 @@ def build_parse_model(original, module):
     ast.increment_lineno(tree, first - 1)
     fn = tree.body[0]
     assigned = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    missing = {"width", "max_channels", "scale", "ch", "args", "n", "i", "f", "m"} - assigned - {
+    missing = {"width", "max_channels", "scale", "ch", "args", "n", "i", "f", "m", "legacy", "d"} - assigned - {
         a.arg for a in fn.args.args
     }
     edit = _Edit()
