@@ -99,7 +99,7 @@ def test_single_input_block_with_list_from_fails_with_index(tasks):
         model_from(d)
 
 
-@pytest.mark.parametrize("scale,width,cdown_out", [("n", 0.25, 32), ("s", 0.25, 32), ("m", 0.5, 64), ("l", 1.0, 128)])
+@pytest.mark.parametrize("scale,width,cdown_out", [("n", 0.1875, 24), ("s", 0.25, 32), ("m", 0.5, 64), ("l", 1.0, 128)])
 def test_scales_apply_to_plugin_blocks(tasks, scale, width, cdown_out):
     m = model_from(SO_DET, scale)
     cdown = m.model[1]

@@ -189,3 +189,14 @@ class WeightedConcat(nn.Module):
     def forward(self, xs):
         w = self.normalized_weights()
         return torch.cat([w[k] * x for k, x in enumerate(xs)], 1)
+
+
+@register_block(channels=channels.equal_inputs)
+class Sum(nn.Module):
+    """Element-wise sum of inputs with equal channels: the plain-fusion baseline for EAFusion in ablations."""
+
+    def __init__(self, channels: int = 0):
+        super().__init__()
+
+    def forward(self, xs):
+        return torch.stack(list(xs), 0).sum(0)
