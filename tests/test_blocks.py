@@ -168,3 +168,20 @@ def test_weighted_concat_weights_are_nonnegative_and_normalised():
 def test_weighted_concat_init_must_match_inputs():
     with pytest.raises(ValueError, match="3 inputs but 2"):
         WeightedConcat([1, 2, 3], init=[1, 3])
+
+
+@pytest.mark.parametrize("combine", ["mul", "add"])
+def test_eafusion_fast_path_equals_reference(combine):
+    torch.manual_seed(0)
+    m = EAFusion(16, combine=combine).eval()
+    xs = [torch.randn(2, 16, 12, 8), torch.randn(2, 16, 12, 8)]
+    diff = (m(xs) - m.forward_reference(xs)).abs().max().item()
+    assert diff < 1e-5, f"max abs diff {diff}"
+
+
+def test_spatial_attention_conv_mean_equals_reduce_mean():
+    from so_det_ultra.nn.fusion import CGASpatialAttention
+
+    m, x = CGASpatialAttention(), torch.randn(2, 24, 9, 9)
+    diff = (m(x) - m.forward_reference(x)).abs().max().item()
+    assert diff < 1e-5, f"max abs diff {diff}"

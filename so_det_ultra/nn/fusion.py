@@ -74,13 +74,21 @@ class CGAChannelAttention(nn.Module):
 
 @register_block(channels=channels.same)
 class CGASpatialAttention(nn.Module):
-    """CGA spatial attention (DEA-Net eq. 8, no sigmoid): [mean_c, max_c] -> 7x7 conv 2->1 (reflect pad, bias)."""
+    """CGA spatial attention (DEA-Net eq. 8, no sigmoid): [mean_c, max_c] -> 7x7 conv 2->1 (reflect pad, bias).
+
+    The channel mean is computed as a 1x1 convolution with weights 1/C (same maths; it runs as one fast Conv in
+    ONNX Runtime/TensorRT instead of a ReduceMean across channels); :meth:`forward_reference` is the plain form.
+    """
 
     def __init__(self, channels: int = 0, k: int = 7):
         super().__init__()
         self.conv = nn.Conv2d(2, 1, k, padding=k // 2, padding_mode="reflect")
 
     def forward(self, x):
+        mean = F.conv2d(x, x.new_full((1, x.shape[1], 1, 1), 1.0 / x.shape[1]))
+        return self.conv(torch.cat((mean, x.amax(1, keepdim=True)), 1))
+
+    def forward_reference(self, x):
         return self.conv(torch.cat((x.mean(1, keepdim=True), x.amax(1, keepdim=True)), 1))
 
 
@@ -91,6 +99,9 @@ class CGAPixelAttention(nn.Module):
     The reference interleaves channels (x_0, p_0, x_1, p_1, ...) into 2C and runs a grouped 2C->C conv. A grouped conv
     over interleaved pairs is the sum of two depthwise convs, one per member of the pair, so :meth:`forward` does that
     without the interleave copy; :meth:`forward_interleaved` is the reference (same weights, same result).
+    :meth:`forward_factored` goes further for EAFusion, where p = s * c or s + c with a one-channel spatial map s
+    and a per-channel vector c: the depthwise conv of p is then c * conv(s) (or conv(s) + c * sum(w)), so the C-channel
+    p is never built or padded.
     """
 
     def __init__(self, channels: int, k: int = 7):
@@ -104,6 +115,14 @@ class CGAPixelAttention(nn.Module):
     def forward(self, x, p):
         w, c = self.conv.weight, x.shape[1]
         y = F.conv2d(self._pad(x), w[:, :1], None, groups=c) + F.conv2d(self._pad(p), w[:, 1:], self.conv.bias, groups=c)
+        return y.sigmoid()
+
+    def forward_factored(self, x, s, c, add: bool = False):
+        """Same as ``forward(x, s * c)`` (or ``forward(x, s + c)`` with ``add``) for s (B,1,H,W) and c (B,C,1,1)."""
+        w, n = self.conv.weight, x.shape[1]
+        y = F.conv2d(self._pad(x), w[:, :1], self.conv.bias, groups=n)
+        z = F.conv2d(self._pad(s), w[:, 1:])  # one input channel, C output channels
+        y = y + z + c * w[:, 1:].sum((1, 2, 3)).view(1, -1, 1, 1) if add else y + c * z
         return y.sigmoid()
 
     def forward_interleaved(self, x, p):
@@ -151,8 +170,15 @@ class EAFusion(nn.Module):
     def forward(self, xs):
         x, y = xs
         i = x + y
-        p1 = self.sa(i) + self.ca(i) if self.add else self.sa(i) * self.ca(i)
-        p2 = self.pa(i, p1)
+        p2 = self.pa.forward_factored(i, self.sa(i), self.ca(i), self.add)  # = PA(i, SA(i) * CA(i)), see CGAPixelAttention
+        return self.sws(self.act(self.w0 * i + p2 * x + (1 - p2) * y))
+
+    def forward_reference(self, xs):
+        """The formula as written (builds p1 = SA(i) * CA(i) explicitly); equal to :meth:`forward`."""
+        x, y = xs
+        i = x + y
+        p1 = self.sa.forward_reference(i) + self.ca(i) if self.add else self.sa.forward_reference(i) * self.ca(i)
+        p2 = self.pa.forward_interleaved(i, p1)
         return self.sws(self.act(self.w0 * i + p2 * x + (1 - p2) * y))
 
 

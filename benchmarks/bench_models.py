@@ -1,0 +1,173 @@
+"""Model table: params, GFLOPs, CPU latency (PyTorch eager and ONNX Runtime) and training throughput.
+
+Every so-det scale and ablation, side by side with stock Ultralytics peers measured in the SAME run (these machines
+are noisy, so the ratio to the peer of the same size is the headline). Prints a markdown table, writes JSON.
+
+    python benchmarks/bench_models.py                       # default set, ~10 min on 2 cores
+    python benchmarks/bench_models.py --models so-det-s.yaml yolov8n-p2.yaml --runs 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT = [
+    "so-det-n.yaml", "so-det-s.yaml", "so-det-m.yaml", "so-det-l.yaml", "so-det-x.yaml",
+    "so-det-base-s.yaml", "so-det-cdown-s.yaml", "so-det-clwa-s.yaml",
+    "yolo11n.yaml", "yolo11s.yaml", "yolo11m.yaml", "yolov8n-p2.yaml", "yolov8s-p2.yaml", "yolo26n-p2.yaml",
+]
+PEER = {"so-det-n": "yolov8n-p2", "so-det-s": "yolov8n-p2", "so-det-m": "yolov8s-p2", "so-det-l": "yolo11m",
+        "so-det-x": "yolo11m", "so-det-base-s": "yolov8n-p2", "so-det-cdown-s": "yolov8n-p2", "so-det-clwa-s": "yolov8n-p2"}
+
+
+def build(name, nc):
+    """YOLO(name) with ``nc`` classes: the YAML is copied under its own name (so the scale letter still applies)."""
+    import yaml
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import yaml_model_load
+
+    d = {k: v for k, v in yaml_model_load(name).items() if k not in {"scale", "yaml_file"}}
+    local = Path(tempfile.mkdtemp()) / name
+    local.write_text(yaml.safe_dump(dict(d, nc=nc), sort_keys=False))
+    return YOLO(str(local))
+
+
+def median_ms(fn, runs, warmup):
+    for _ in range(warmup):
+        fn()
+    t = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        t.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(t)
+
+
+def torch_latency(model, imgsz, runs, warmup):
+    x = torch.zeros(1, 3, imgsz, imgsz)
+    with torch.inference_mode():
+        return median_ms(lambda: model(x), runs, warmup)
+
+
+def ort_latency(y, imgsz, runs, warmup, threads, workdir):
+    import onnxruntime as ort
+
+    f = y.export(format="onnx", imgsz=imgsz, simplify=True, verbose=False)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(f, so, providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 3, imgsz, imgsz), np.float32)
+    name = sess.get_inputs()[0].name
+    return median_ms(lambda: sess.run(None, {name: x}), runs, warmup)
+
+
+def train_throughput(model, imgsz, steps, batch):
+    from ultralytics.cfg import get_cfg
+
+    model = model.train()
+    model.args = get_cfg()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    batch_d = {
+        "img": torch.rand(batch, 3, imgsz, imgsz, generator=g),
+        "batch_idx": torch.arange(batch).repeat_interleave(4).float(),
+        "cls": torch.zeros(batch * 4, 1),
+        "bboxes": torch.tensor([[0.3, 0.3, 0.05, 0.05], [0.6, 0.6, 0.04, 0.03], [0.2, 0.7, 0.1, 0.1],
+                                [0.8, 0.2, 0.02, 0.02]]).repeat(batch, 1),
+    }
+
+    def step():
+        opt.zero_grad()
+        loss, _ = model.loss(batch_d)
+        loss.sum().backward()
+        opt.step()
+
+    step()  # warm-up (builds the criterion)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=DEFAULT)
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--nc", type=int, default=10)
+    p.add_argument("--runs", type=int, default=5, help="timed runs per latency (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
+    p.add_argument("--train-steps", type=int, default=3, help="optimizer steps for throughput (0 = skip)")
+    p.add_argument("--train-imgsz", type=int, default=320)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--reference-blocks", action="store_true",
+                   help="run EAFusion's reference forward (interleaved pixel attention, ReduceMean) to measure the rewrite")
+    p.add_argument("--json", default="benchmarks/results/models.json")
+    a = p.parse_args(argv)
+
+    from ultralytics.utils.torch_utils import get_flops
+
+    from so_det_ultra.utils.flops import count_flops
+
+    torch.set_num_threads(a.threads)
+    if a.reference_blocks:
+        from so_det_ultra.nn import EAFusion
+
+        EAFusion.forward = EAFusion.forward_reference
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)  # exports land here
+        try:
+            for name in a.models:
+                stem = Path(name).stem
+                y = build(name, a.nc)
+                fused = y.model.fuse(verbose=False).eval()
+                r = {"params": sum(q.numel() for q in fused.parameters()),
+                     "gflops_thop": get_flops(fused, a.imgsz), "gflops_all": count_flops(fused, a.imgsz)[0],
+                     "torch_ms": torch_latency(fused, a.imgsz, a.runs, a.warmup)}
+                r["onnx_ms"] = None if a.no_onnx else ort_latency(y, a.imgsz, a.runs, a.warmup, a.threads, tmp)
+                r["train_img_s"] = (train_throughput(build(name, a.nc).model, a.train_imgsz, a.train_steps,
+                                                     a.train_batch) if a.train_steps else None)
+                rows[stem] = r
+                print(f"{stem}: {r}", flush=True)
+        finally:
+            os.chdir(cwd)
+
+    def ratio(stem, key):
+        peer = PEER.get(stem)
+        if peer in rows and rows[stem].get(key) and rows[peer].get(key):
+            return f"{rows[stem][key] / rows[peer][key]:.2f}x {peer}"
+        return ""
+
+    lines = [
+        f"imgsz {a.imgsz}, nc {a.nc}, batch 1, fused, {a.threads} threads, median of {a.runs} after {a.warmup} warm-up; "
+        f"training: {a.train_steps} steps, batch {a.train_batch}, imgsz {a.train_imgsz}",
+        "",
+        "| model | params (M) | GFLOPs (thop) | GFLOPs (all ops) | PyTorch ms | ONNX RT ms | ONNX RT vs peer | train img/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for stem, r in rows.items():
+        onnx = f"{r['onnx_ms']:.1f}" if r["onnx_ms"] else "-"
+        train = f"{r['train_img_s']:.1f}" if r["train_img_s"] else "-"
+        lines.append(f"| {stem} | {r['params'] / 1e6:.2f} | {r['gflops_thop']:.1f} | {r['gflops_all']:.1f} | "
+                     f"{r['torch_ms']:.1f} | {onnx} | {ratio(stem, 'onnx_ms')} | {train} |")
+    print("\n".join(lines))
+    out = Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
