@@ -41,24 +41,31 @@ def build(name, nc):
     return YOLO(str(local))
 
 
-def median_ms(fn, runs, warmup):
-    for _ in range(warmup):
-        fn()
-    t = []
+def interleaved_ms(fns: dict, runs: int, warmup: int) -> dict:
+    """Median ms per callable, timed in rounds (one call of each per round) so load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        t.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(t)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def torch_latency(model, imgsz, runs, warmup):
+def torch_runner(model, imgsz):
     x = torch.zeros(1, 3, imgsz, imgsz)
-    with torch.inference_mode():
-        return median_ms(lambda: model(x), runs, warmup)
+
+    def run():
+        with torch.inference_mode():
+            model(x)
+
+    return run
 
 
-def ort_latency(y, imgsz, runs, warmup, threads, workdir):
+def ort_runner(y, imgsz, threads):
     import onnxruntime as ort
 
     f = y.export(format="onnx", imgsz=imgsz, simplify=True, verbose=False)
@@ -67,7 +74,7 @@ def ort_latency(y, imgsz, runs, warmup, threads, workdir):
     sess = ort.InferenceSession(f, so, providers=["CPUExecutionProvider"])
     x = np.zeros((1, 3, imgsz, imgsz), np.float32)
     name = sess.get_inputs()[0].name
-    return median_ms(lambda: sess.run(None, {name: x}), runs, warmup)
+    return lambda: sess.run(None, {name: x})
 
 
 def train_throughput(model, imgsz, steps, batch):
@@ -103,7 +110,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=DEFAULT)
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--nc", type=int, default=10)
-    p.add_argument("--runs", type=int, default=5, help="timed runs per latency (median reported)")
+    p.add_argument("--runs", type=int, default=7, help="timed rounds per latency (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     p.add_argument("--train-steps", type=int, default=3, help="optimizer steps for throughput (0 = skip)")
@@ -124,7 +131,7 @@ def main(argv=None):
         from so_det_ultra.nn import EAFusion
 
         EAFusion.forward = EAFusion.forward_reference
-    rows = {}
+    rows, torch_fns, ort_fns = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)  # exports land here
@@ -133,14 +140,19 @@ def main(argv=None):
                 stem = Path(name).stem
                 y = build(name, a.nc)
                 fused = y.model.fuse(verbose=False).eval()
-                r = {"params": sum(q.numel() for q in fused.parameters()),
-                     "gflops_thop": get_flops(fused, a.imgsz), "gflops_all": count_flops(fused, a.imgsz)[0],
-                     "torch_ms": torch_latency(fused, a.imgsz, a.runs, a.warmup)}
-                r["onnx_ms"] = None if a.no_onnx else ort_latency(y, a.imgsz, a.runs, a.warmup, a.threads, tmp)
-                r["train_img_s"] = (train_throughput(build(name, a.nc).model, a.train_imgsz, a.train_steps,
-                                                     a.train_batch) if a.train_steps else None)
-                rows[stem] = r
-                print(f"{stem}: {r}", flush=True)
+                rows[stem] = {"params": sum(q.numel() for q in fused.parameters()),
+                              "gflops_thop": get_flops(fused, a.imgsz), "gflops_all": count_flops(fused, a.imgsz)[0]}
+                torch_fns[stem] = torch_runner(fused, a.imgsz)
+                if not a.no_onnx:
+                    ort_fns[stem] = ort_runner(y, a.imgsz, a.threads)
+                if a.train_steps:
+                    rows[stem]["train_img_s"] = train_throughput(build(name, a.nc).model, a.train_imgsz,
+                                                                 a.train_steps, a.train_batch)
+                print(f"{stem}: {rows[stem]}", flush=True)
+            for stem, ms in interleaved_ms(torch_fns, a.runs, a.warmup).items():
+                rows[stem]["torch_ms"] = ms
+            for stem, ms in interleaved_ms(ort_fns, a.runs, a.warmup).items():
+                rows[stem]["onnx_ms"] = ms
         finally:
             os.chdir(cwd)
 
@@ -151,15 +163,16 @@ def main(argv=None):
         return ""
 
     lines = [
-        f"imgsz {a.imgsz}, nc {a.nc}, batch 1, fused, {a.threads} threads, median of {a.runs} after {a.warmup} warm-up; "
+        f"imgsz {a.imgsz}, nc {a.nc}, batch 1, fused, {a.threads} threads, median of {a.runs} interleaved rounds after "
+        f"{a.warmup} warm-up; "
         f"training: {a.train_steps} steps, batch {a.train_batch}, imgsz {a.train_imgsz}",
         "",
         "| model | params (M) | GFLOPs (thop) | GFLOPs (all ops) | PyTorch ms | ONNX RT ms | ONNX RT vs peer | train img/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for stem, r in rows.items():
-        onnx = f"{r['onnx_ms']:.1f}" if r["onnx_ms"] else "-"
-        train = f"{r['train_img_s']:.1f}" if r["train_img_s"] else "-"
+        onnx = f"{r['onnx_ms']:.1f}" if r.get("onnx_ms") else "-"
+        train = f"{r['train_img_s']:.1f}" if r.get("train_img_s") else "-"
         lines.append(f"| {stem} | {r['params'] / 1e6:.2f} | {r['gflops_thop']:.1f} | {r['gflops_all']:.1f} | "
                      f"{r['torch_ms']:.1f} | {onnx} | {ratio(stem, 'onnx_ms')} | {train} |")
     print("\n".join(lines))
