@@ -71,6 +71,7 @@ def ort_runner(y, imgsz, threads):
     f = y.export(format="onnx", imgsz=imgsz, simplify=True, verbose=False)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle sessions must not steal the cores
     sess = ort.InferenceSession(f, so, providers=["CPUExecutionProvider"])
     x = np.zeros((1, 3, imgsz, imgsz), np.float32)
     name = sess.get_inputs()[0].name

@@ -178,7 +178,7 @@ def test_ddp_worker_sees_registration(tiny_data, workdir, tmp_path, autoload):
     script = python(pre + DDP_PREP.format(data=tiny_data, proj=tmp_path), cwd=workdir, env=env).stdout.strip().splitlines()[-1]
     try:
         run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "0", script],
-            cwd=workdir, env=env)
+            cwd=workdir, env=env, timeout=300)
     finally:
         Path(script).unlink(missing_ok=True)
         Path(script).with_suffix(".pt").unlink(missing_ok=True)
@@ -208,3 +208,39 @@ def test_wheel_ships_configs_and_autoload_hook(tmp_path):
     assert "so_det_ultra/cfg/models/so-det.yaml" in names
     assert any(n.startswith("so_det_ultra/cfg/datasets/") for n in names)
     assert "so_det_ultra/_bootstrap.py" in names
+
+
+DDP_GLOO = """
+import os, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from ultralytics import YOLO
+from ultralytics.cfg import get_cfg
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = YOLO("so-det-n.yaml").model.train()
+model.args = get_cfg()
+ddp = DDP(model)  # Ultralytics' settings: find_unused_parameters=False, so every parameter must be used
+torch.manual_seed(rank)  # different data per rank
+batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0., 1.]), "cls": torch.tensor([[0.], [1.]]),
+         "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]])}
+loss, _ = model.loss(batch, ddp(batch["img"]))
+loss.sum().backward()
+g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+ref = g.clone()
+dist.broadcast(ref, 0)
+print("RANK", rank, "SAME_GRAD", bool(torch.allclose(g, ref)), "N", g.numel(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_gloo_two_cpu_processes_sync_gradients(workdir):
+    """Our blocks under DistributedDataParallel (gloo, 2 CPU processes): every parameter used, gradients all-reduced."""
+    script = workdir / "ddp_gloo.py"
+    script.write_text(DDP_GLOO)
+    from ultralytics.utils.dist import find_free_network_port
+
+    port = find_free_network_port()
+    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, script],
+              cwd=workdir, timeout=300).stdout
+    assert out.count("SAME_GRAD True") == 2, out[-2000:]
