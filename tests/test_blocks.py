@@ -182,6 +182,6 @@ def test_eafusion_fast_path_equals_reference(combine):
 def test_spatial_attention_conv_mean_equals_reduce_mean():
     from so_det_ultra.nn.fusion import CGASpatialAttention
 
-    m, x = CGASpatialAttention(), torch.randn(2, 24, 9, 9)
+    m, x = CGASpatialAttention(24), torch.randn(2, 24, 9, 9)
     diff = (m(x) - m.forward_reference(x)).abs().max().item()
     assert diff < 1e-5, f"max abs diff {diff}"

@@ -393,3 +393,12 @@ def _dataset_yaml(name):
     from so_det_ultra import paths
 
     return paths.dataset_cfg(name)
+
+
+@pytest.mark.parametrize("argv", [["convert", "--help"], ["convert", "visdrone", "--help"], ["convert", "soda-d", "--help"]])
+def test_convert_help(argv, capsys):
+    from so_det_ultra.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0 and "usage: so-det convert" in capsys.readouterr().out

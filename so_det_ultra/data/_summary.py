@@ -41,7 +41,7 @@ class Summary:
     def format(self, max_problems: int = 20) -> str:
         lines = []
         if self.problems:
-            lines.append(f"{len(self.problems)} malformed line(s):")
+            lines.append(f"{len(self.problems)} malformed line(s) or record(s):")
             lines += [f"  {p}" for p in self.problems[:max_problems]]
             if len(self.problems) > max_problems:
                 lines.append(f"  ... {len(self.problems) - max_problems} more (all listed in the conversion log)")

@@ -82,10 +82,11 @@ class CGASpatialAttention(nn.Module):
 
     def __init__(self, channels: int = 0, k: int = 7):
         super().__init__()
+        self.c = channels  # 0 = unknown: plain ReduceMean
         self.conv = nn.Conv2d(2, 1, k, padding=k // 2, padding_mode="reflect")
 
     def forward(self, x):
-        mean = F.conv2d(x, x.new_full((1, x.shape[1], 1, 1), 1.0 / x.shape[1]))
+        mean = F.conv2d(x, x.new_full((1, self.c, 1, 1), 1.0 / self.c)) if self.c else x.mean(1, keepdim=True)
         return self.conv(torch.cat((mean, x.amax(1, keepdim=True)), 1))
 
     def forward_reference(self, x):
@@ -113,13 +114,13 @@ class CGAPixelAttention(nn.Module):
         return F.pad(t, (p, p, p, p), mode="reflect")
 
     def forward(self, x, p):
-        w, c = self.conv.weight, x.shape[1]
+        w, c = self.conv.weight, self.conv.out_channels
         y = F.conv2d(self._pad(x), w[:, :1], None, groups=c) + F.conv2d(self._pad(p), w[:, 1:], self.conv.bias, groups=c)
         return y.sigmoid()
 
     def forward_factored(self, x, s, c, add: bool = False):
         """Same as ``forward(x, s * c)`` (or ``forward(x, s + c)`` with ``add``) for s (B,1,H,W) and c (B,C,1,1)."""
-        w, n = self.conv.weight, x.shape[1]
+        w, n = self.conv.weight, self.conv.out_channels
         y = F.conv2d(self._pad(x), w[:, :1], self.conv.bias, groups=n)
         z = F.conv2d(self._pad(s), w[:, 1:])  # one input channel, C output channels
         y = y + z + c * w[:, 1:].sum((1, 2, 3)).view(1, -1, 1, 1) if add else y + c * z
