@@ -29,14 +29,14 @@ PEER = {"so-det-n": "yolov8n-p2", "so-det-s": "yolov8n-p2", "so-det-m": "yolov8s
         "so-det-x": "yolo11m", "so-det-base-s": "yolov8n-p2", "so-det-cdown-s": "yolov8n-p2", "so-det-clwa-s": "yolov8n-p2"}
 
 
-def build(name, nc):
-    """YOLO(name) with ``nc`` classes: the YAML is copied under its own name (so the scale letter still applies)."""
+def build(name, nc, folder="."):
+    """YOLO(name) with ``nc`` classes: the YAML is copied into ``folder`` under its own name (keeps the scale letter)."""
     import yaml
     from ultralytics import YOLO
     from ultralytics.nn.tasks import yaml_model_load
 
     d = {k: v for k, v in yaml_model_load(name).items() if k not in {"scale", "yaml_file"}}
-    local = Path(tempfile.mkdtemp()) / name
+    local = Path(folder) / name
     local.write_text(yaml.safe_dump(dict(d, nc=nc), sort_keys=False))
     return YOLO(str(local))
 
@@ -139,7 +139,7 @@ def main(argv=None):
         try:
             for name in a.models:
                 stem = Path(name).stem
-                y = build(name, a.nc)
+                y = build(name, a.nc, tmp)
                 fused = y.model.fuse(verbose=False).eval()
                 rows[stem] = {"params": sum(q.numel() for q in fused.parameters()),
                               "gflops_thop": get_flops(fused, a.imgsz), "gflops_all": count_flops(fused, a.imgsz)[0]}
@@ -147,7 +147,7 @@ def main(argv=None):
                 if not a.no_onnx:
                     ort_fns[stem] = ort_runner(y, a.imgsz, a.threads)
                 if a.train_steps:
-                    rows[stem]["train_img_s"] = train_throughput(build(name, a.nc).model, a.train_imgsz,
+                    rows[stem]["train_img_s"] = train_throughput(build(name, a.nc, tmp).model, a.train_imgsz,
                                                                  a.train_steps, a.train_batch)
                 print(f"{stem}: {rows[stem]}", flush=True)
             for stem, ms in interleaved_ms(torch_fns, a.runs, a.warmup).items():

@@ -269,12 +269,12 @@ def test_patch_refuses_unknown_parse_model_shape():
         parser.build_parse_model(parse_model, types.ModuleType("fake"))
 
 
-def test_every_shipped_model_yaml_builds(tasks):
-    for f in sorted((paths.cfg_root() / "models").glob("*.yaml")):
-        d = yaml.safe_load(f.read_text())
-        if "rtdetr" in f.stem:
-            continue  # built by the DETR tests through RTDETRDetectionModel
-        for scale in d.get("scales") or [""]:
-            m = model_from(dict(d, yaml_file=f.name), scale)
-            out = m(torch.zeros(1, 3, 64, 64))
-            assert out is not None, f"{f.name} scale {scale}"
+@pytest.mark.parametrize("yaml_file", sorted(p.name for p in (paths.cfg_root() / "models").glob("*.yaml")))
+def test_every_shipped_model_yaml_builds(tasks, yaml_file):
+    """Each shipped YAML builds (smallest scale) and runs a forward pass; the scales themselves are tested elsewhere."""
+    d = yaml.safe_load((paths.cfg_root() / "models" / yaml_file).read_text())
+    if "rtdetr" in yaml_file:
+        pytest.skip("built by the DETR tests through RTDETRDetectionModel")
+    scale = next(iter(d.get("scales") or {"": None}))
+    m = model_from(dict(d, yaml_file=yaml_file), scale)
+    assert m(torch.zeros(1, 3, 64, 64)) is not None
