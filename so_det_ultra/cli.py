@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("so_det_ultra.data.synthetic_cli", "so_det_ultra.data.convert_cli")
+COMMANDS = ("so_det_ultra.data.synthetic_cli", "so_det_ultra.data.convert_cli", "so_det_ultra.metrics.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,6 +69,7 @@ def install(strict: bool = False):
         losses.install()
         callbacks.install()
         serialization.install()
+        __import__("so_det_ultra.integration.rtdetr", fromlist=["install"]).install()  # YOLO(rtdetr yaml) hint
         _state["done"] = True
 
 

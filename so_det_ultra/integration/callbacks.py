@@ -6,7 +6,13 @@ so a function appended here runs in ``yolo train``/``yolo val`` without the user
 
 from __future__ import annotations
 
-CALLBACKS = {}  # event name -> list of "module:function" paths, imported lazily when the event fires
+CALLBACKS = {  # event name -> list of "module:function" paths, imported lazily when the event fires
+    # issue 5: size-wise APs when the data YAML has a so_det: key (so_det_ultra/metrics/hooks.py)
+    "on_val_start": ["so_det_ultra.metrics.hooks:on_val_start"],
+    "on_val_end": ["so_det_ultra.metrics.hooks:on_val_end"],
+    "on_train_epoch_end": ["so_det_ultra.metrics.hooks:on_train_epoch_end"],
+    "on_fit_epoch_end": ["so_det_ultra.metrics.hooks:on_fit_epoch_end"],
+}
 
 
 def _lazy(path):

@@ -20,7 +20,7 @@ from so_det_ultra.nn.fusion import (
 )
 
 # Further block families (one module each, registering themselves on import); add yours here.
-FAMILIES = ()
+FAMILIES = ("mrae", "efpn", "sgdm", "detr")
 
 for _name in FAMILIES:
     importlib.import_module(f"so_det_ultra.nn.{_name}")

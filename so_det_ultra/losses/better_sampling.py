@@ -1,0 +1,265 @@
+"""Better Sampling for RT-DETR: scale-aligned target (ST), sample reweighting (SR), sample point refinement (SPR).
+
+Source: Huang et al., "Better Sampling, towards Better End-to-end Small Object Detection" (seed 004; SPEC sec. 6),
+sec. 4, eqs. 5-22. Switched on and tuned from the model YAML (the shared ``loss:`` mechanism,
+``so_det_ultra/integration/losses.py``); a switch that is absent (or ``false``) is off, ``true`` takes the defaults::
+
+    loss:
+      type: BetterSampling
+      st: {beta: 0.73, theta: 6.0}                       # eqs. 12-15
+      sr: {alpha: 0.5, gamma: 1.5}                       # eqs. 16-21
+      spr: {eta: [1.5, 1.3, 1.2, 1.1, 1.05, 1.0], w_offset: 1.0, w_atten: 1.0}   # eqs. 5-6
+
+With no switch on, :class:`BetterSampling` equals Ultralytics' ``RTDETRDetectionLoss(nc, use_vfl=True)`` (a test).
+ST works on any RT-DETR; SR and SPR need the decoder to be :class:`~so_det_ultra.nn.detr.SamplingRTDETRDecoder`.
+The formulas are plain functions (:func:`scale_aligned_target`, :func:`sample_reweight`, :func:`spr_losses`) so they can
+be tested on hand-computed values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from ultralytics.models.utils.loss import RTDETRDetectionLoss
+from ultralytics.utils.metrics import bbox_iou
+
+from so_det_ultra.nn.detr import SamplingRTDETRDecoder
+from so_det_ultra.registry import register_loss
+
+ST_DEFAULTS = {"beta": 0.73, "theta": 6.0}
+SR_DEFAULTS = {"alpha": 0.5, "gamma": 1.5, "detach_features": True}
+SPR_DEFAULTS = {"eta": (1.5, 1.3, 1.2, 1.1, 1.05, 1.0), "w_offset": 1.0, "w_atten": 1.0}
+
+
+def scale_aligned_target(pred_xywh: torch.Tensor, gt_xywh: torch.Tensor, beta: float = 0.73, theta: float = 6.0,
+                         s: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """ST target score (paper eqs. 7-15): ``t = u^beta * v^(1 - beta) * s``.
+
+    ``u = IoU(pred, gt)``, ``rho = area(pred) / area(gt)``, ``v = exp(-theta * (sqrt(rho) - 1)^2)``.
+
+    Interpretation: ``s`` in eq. 15 is the classification target (1 for the object's class), so ``beta = 1`` gives
+    ``t = IoU``, the IoU-aware varifocal target Ultralytics' RT-DETR uses; hence ``t <= s`` always.
+
+    Args:
+        pred_xywh (torch.Tensor): (N, 4) predicted boxes, normalised xywh. gt_xywh (torch.Tensor): (N, 4) matched gts.
+        beta (float): Weight of IoU vs. scale agreement, in [0, 1]. theta (float): Sharpness of the scale term (>= 0).
+        s (float | torch.Tensor): Classification target.
+
+    Returns:
+        (torch.Tensor): (N,) targets in [0, s], without gradient.
+    """
+    pred_xywh, gt_xywh = pred_xywh.detach(), gt_xywh.detach()
+    u = bbox_iou(pred_xywh, gt_xywh, xywh=True).squeeze(-1).clamp(0, 1)
+    rho = pred_xywh[:, 2:].prod(-1).clamp(min=0) / gt_xywh[:, 2:].prod(-1).clamp(min=1e-12)
+    v = torch.exp(-theta * (rho.sqrt() - 1) ** 2)
+    return u.pow(beta) * v.pow(1 - beta) * s
+
+
+def sample_reweight(w: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """SR weight (paper eq. 19): ``r = w^(1 - |t - s|)``; ``r = w`` when ``t = s``, ``r -> 1`` as ``|t - s| -> 1``.
+
+    Args:
+        w (torch.Tensor): Generator weights in (0, 1]. t (torch.Tensor): Targets. s (torch.Tensor): Predicted
+            confidences (sigmoid of the object class's logit); ``|t - s|`` carries no gradient.
+    """
+    return w.pow(1 - (t - s).detach().abs())
+
+
+def spr_losses(offsets: torch.Tensor, attn_logits: torch.Tensor, eta: float, n_points: int):
+    """SPR losses of positive queries at one decoder layer (paper eqs. 5-6), per query.
+
+    A sampling point of RT-DETR's deformable attention sits at ``ref_xy + offsets / n_points * ref_wh / 2``, where
+    ``ref`` is the box the previous layer predicted for that query (paper: "w_i, h_i ... of the previous layer"). In
+    units of that box the point is at ``d = offsets / (2 * n_points)``; it is inside the box iff ``|d_x|, |d_y| <= 1/2``.
+
+    ::
+
+        L_offset(i) = mean_{m,l,k} ( sum_{x,y} max(|d_milk| - eta / 2, 0) )^2            (0 for points inside the box)
+        L_atten(i)  = mean_{m,l,k} 1[milk outside] * max(A_milk - max_{k' inside, same m, l} A_mil k', 0)
+
+    Interpretation: eq. 5 writes ``||dp - eta [w, h]||_1^2``; read literally it pulls every outside point towards one
+    fixed corner. We read it as the paper's text and Fig. 2 describe it: outside points are pulled back to the box
+    enlarged by ``eta`` (a buffer; points within it cost nothing), per axis, measured in units of the box size (so
+    small objects are not ignored), squared L1 as written. Both sums are averaged over the ``nh * nl * ndp`` points
+    of a query (the caller averages over positives). In eq. 6 a (head, level) without any point inside the box adds
+    nothing (there is no ``max A_in`` to compare with). ``eta >= 1`` so points inside the box are never penalised.
+
+    Args:
+        offsets (torch.Tensor): (P, nh, nl * ndp, 2) raw ``sampling_offsets`` outputs of P positive queries.
+        attn_logits (torch.Tensor): (P, nh, nl * ndp) raw ``attention_weights`` outputs (softmax over the last axis).
+        eta (float): Expansion of the box for this layer. n_points (int): Sampling points per head and level (ndp).
+
+    Returns:
+        (tuple[torch.Tensor, torch.Tensor]): (P,) L_offset and (P,) L_atten.
+    """
+    d = offsets / (2 * n_points)
+    excess = (d.abs() - eta / 2).clamp(min=0).sum(-1)  # (P, nh, nl*ndp); 0 inside the eta-box
+    l_offset = excess.pow(2).flatten(1).mean(1)
+    a = attn_logits.softmax(-1)
+    inside = (d.detach().abs() <= 0.5).all(-1)  # (P, nh, nl*ndp)
+    p, nh, lp = a.shape
+    a_lvl, in_lvl = a.view(p, nh, -1, n_points), inside.view(p, nh, -1, n_points)
+    max_in = a_lvl.masked_fill(~in_lvl, -1.0).amax(-1, keepdim=True)
+    max_in = torch.where(max_in < 0, torch.ones_like(max_in), max_in)  # no inside point: no loss for that level
+    l_atten = ((a_lvl - max_in).clamp(min=0) * (~in_lvl)).flatten(1).mean(1)
+    return l_offset, l_atten
+
+
+def _switch(value, defaults: dict, name: str) -> dict | None:
+    """``None``/``False`` -> off; ``True`` -> defaults; mapping -> defaults updated (unknown keys raise)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict(defaults)
+    if not isinstance(value, dict) or set(value) - set(defaults):
+        raise ValueError(f"BetterSampling `{name}:` must be true/false or a mapping with keys {sorted(defaults)}, "
+                         f"got {value!r}")
+    return {**defaults, **value}
+
+
+@register_loss
+class BetterSampling(RTDETRDetectionLoss):
+    """Ultralytics' RT-DETR loss (Hungarian matching, VFL, L1 + GIoU, denoising) with the three Better Sampling switches.
+
+    Per prediction layer (encoder top-k, each decoder layer, each denoising layer), with matched positives ``i``,
+    their target ``t_i`` and ``num_gts`` objects in the batch::
+
+        L_cls = [ sum_pos q_i BCE(p_i, t_i) + alpha sum_neg p^gamma BCE(p, 0) ] / num_gts * gain_class     (VFL)
+        L_l1  = sum_pos r_reg,i |b_i - b^_i|_1 / num_gts * gain_bbox,   L_giou likewise * gain_giou
+
+    - **ST** (``st``): ``t_i`` = :func:`scale_aligned_target` instead of IoU; ``q_i = t_i`` (eq. 15 in VFL, eq. 3).
+    - **SR** (``sr``): positives' ``q_i = r_cls,i`` and box terms weighted by ``r_reg,i`` (eqs. 19-21), on the
+      decoder layers' object queries; negatives keep ``alpha p^gamma`` with the paper's ``alpha = 0.5, gamma = 1.5``
+      (everywhere, as the paper's Table 6 tunes them with SR). Without SR, ``r = 1`` and Ultralytics'
+      ``alpha = 0.25``.
+    - **SPR** (``spr``): adds ``w_offset * L_offset + w_atten * L_atten`` (:func:`spr_losses`), averaged over each decoder
+      layer's positive object queries and summed over decoder layers; ``eta[j]`` for layer ``j``.
+
+    Interpretation (SR): the paper does not say how the generator learns. Here its parameters get the gradient of the
+    reweighted loss (``r`` is not detached; ``|t - s|`` is), and its inputs ``H_cls``/``H_reg`` are detached
+    (``detach_features``), so SR cannot reshape the detector's features. Since ``w = sigmoid(ReLU(.)) >= 0.5`` the
+    generator can discount an easy positive at most 2x. ``H_cls`` is the decoder layer's output (the input of
+    Ultralytics' one-layer score head) and ``H_reg`` the last hidden activation of the box MLP. ``s`` of eq. 19 is the
+    predicted probability of the object's class.
+    Interpretation (SPR): only the object queries' positives (not denoising queries); if ``eta`` has more entries than
+    the decoder has layers, the *last* ``ndl`` are used (the final layer keeps eta = 1.0).
+    Extra keys ``loss_offset``/``loss_atten`` are added to the returned dict (RT-DETR's model sums every key).
+
+    Args:
+        model: The RTDETRDetectionModel. st, sr, spr: switches (see module docstring).
+        gains (dict): ``{class: 1, bbox: 5, giou: 2}`` (Ultralytics' defaults) weights of the stock terms.
+    """
+
+    def __init__(self, model, st=None, sr=None, spr=None, gains=None):
+        self.st, self.sr, self.spr = (_switch(v, d, n) for v, d, n in
+                                      ((st, ST_DEFAULTS, "st"), (sr, SR_DEFAULTS, "sr"), (spr, SPR_DEFAULTS, "spr")))
+        gains = {"class": 1.0, "bbox": 5.0, "giou": 2.0, **(gains or {})}
+        a, g = (self.sr["alpha"], self.sr["gamma"]) if self.sr else (0.25, 1.5)
+        head = model.model[-1]
+        super().__init__(nc=head.nc, loss_gain=gains, use_vfl=True, gamma=g, alpha=a)
+        if (self.sr or self.spr) and not isinstance(head, SamplingRTDETRDecoder):
+            raise ValueError(f"BetterSampling sr/spr need the decoder to be SamplingRTDETRDecoder, got "
+                             f"{type(head).__name__}: replace RTDETRDecoder by SamplingRTDETRDecoder in the model YAML "
+                             "(same arguments), or use only `st`")
+        if self.sr and head.sr_gen is None:
+            raise ValueError("BetterSampling `sr` is on but the decoder has no weight generator; it is built from the "
+                             "model YAML's `loss:` section when the model is created, so rebuild the model from the YAML")
+        if self.st and not (0 <= self.st["beta"] <= 1 and self.st["theta"] >= 0):
+            raise ValueError(f"BetterSampling st needs 0 <= beta <= 1 and theta >= 0, got {self.st}")
+        if self.spr:
+            eta, ndl = [float(e) for e in self.spr["eta"]], head.num_decoder_layers
+            if len(eta) < ndl or min(eta) < 1:
+                raise ValueError(f"BetterSampling spr.eta needs >= {ndl} values (one per decoder layer), all >= 1; "
+                                 f"got {eta}")
+            self.eta = eta[len(eta) - ndl:]
+            self.n_points = head.decoder.layers[0].cross_attn.n_points
+        self._head = [head]  # a list: not a submodule (the model owns the criterion, not the reverse)
+        self._layer = None  # (decoder layer index or -1, sampling dict or None) of the layer being scored
+        self._spr = []
+
+    def forward(self, preds, batch, dn_bboxes=None, dn_scores=None, dn_meta=None):
+        """Same inputs and outputs as ``RTDETRDetectionLoss.forward``, plus ``loss_offset``/``loss_atten`` with SPR."""
+        sampling = getattr(self._head[0], "sampling", None)  # set by a training forward of SamplingRTDETRDecoder
+        if sampling is not None:
+            self._head[0].sampling = None  # consumed: drop the graph references
+        if sampling is not None and dn_meta is not None:  # keep the object queries (denoising queries come first)
+            n_dn = dn_meta["dn_num_split"][0]
+            sampling = {k: None if v is None else v[:, :, n_dn:] for k, v in sampling.items()}
+        pred_bboxes, pred_scores = preds
+        self.device = pred_bboxes.device
+        gts = batch["cls"], batch["bboxes"], batch["gt_groups"]
+        first_dec = len(pred_bboxes) - self._head[0].num_decoder_layers  # encoder top-k layer(s) come first
+        self._spr = []
+        loss = self._all_layers(pred_bboxes, pred_scores, gts, "", None, sampling, first_dec)
+        if dn_meta is not None:
+            match = self.get_dn_match_indices(dn_meta["dn_pos_idx"], dn_meta["dn_num_group"], dn_meta["dn_gt_idx"])
+            loss.update(self._all_layers(dn_bboxes, dn_scores, gts, "_dn", match, None, 0))
+        else:
+            loss.update({f"{k}_dn": torch.tensor(0.0, device=self.device) for k in loss})
+        if self.spr:
+            zero = pred_bboxes.sum() * 0
+            loss["loss_offset"] = sum((x[0] for x in self._spr), zero) * self.spr["w_offset"]
+            loss["loss_atten"] = sum((x[1] for x in self._spr), zero) * self.spr["w_atten"]
+        return loss
+
+    def _all_layers(self, bboxes, scores, gts, postfix, match_indices, sampling, first_dec):
+        """Main (last layer) and auxiliary (summed over the others) terms, named as Ultralytics names them."""
+        out, aux = {}, torch.zeros(3, device=self.device)
+        last = len(bboxes) - 1
+        for k in [last, *range(last)] if self.aux_loss else [last]:
+            self._layer = (k - first_dec, sampling)
+            terms = self._get_loss(bboxes[k], scores[k], gts[1], gts[0], gts[2], postfix, match_indices)
+            if k == last:
+                out.update(terms)
+            else:
+                aux += torch.stack([terms[f"loss_{n}{postfix}"] for n in ("class", "bbox", "giou")])
+        self._layer = None
+        if self.aux_loss:
+            out.update({f"loss_{n}_aux{postfix}": aux[j] for j, n in enumerate(("class", "bbox", "giou"))})
+        return out
+
+    def _get_loss(self, pred_bboxes, pred_scores, gt_bboxes, gt_cls, gt_groups, postfix="", match_indices=None):
+        """One prediction layer: match, targets (ST), weights (SR), VFL + L1 + GIoU, and SPR terms (stored)."""
+        if match_indices is None:
+            match_indices = self.matcher(pred_bboxes, pred_scores, gt_bboxes, gt_cls, gt_groups)
+        idx, gt_idx = self._get_index(match_indices)
+        pb, gb, gc = pred_bboxes[idx], gt_bboxes[gt_idx], gt_cls[gt_idx]
+        bs, nq, nc = pred_scores.shape
+        n = len(gb)
+        layer, sampling = self._layer if self._layer is not None else (-1, None)
+        use = sampling is not None and 0 <= layer
+
+        t = scale_aligned_target(pb, gb, **self.st) if self.st else bbox_iou(pb.detach(), gb, xywh=True).squeeze(-1)
+        one_hot = torch.zeros((bs, nq, nc), device=pred_scores.device)
+        one_hot[idx[0], idx[1], gc] = 1.0
+        q = torch.zeros((bs, nq, nc), device=pred_scores.device)
+        q[idx[0], idx[1], gc] = t.to(q.dtype)
+        pos_w, r_reg = q, None
+        if self.sr and use and n:
+            s = pred_scores[idx[0], idx[1], gc].sigmoid()
+            r = sample_reweight(sampling["sr_w"][layer][idx], t[:, None], s[:, None])  # (n, 2): r_cls, r_reg
+            pos_w = torch.zeros_like(q).index_put((idx[0], idx[1], gc), r[:, 0].to(q.dtype))
+            r_reg = r[:, 1]
+        if n:
+            weight = self.vfl.alpha * pred_scores.sigmoid().pow(self.vfl.gamma) * (1 - one_hot) + pos_w * one_hot
+            bce = F.binary_cross_entropy_with_logits(pred_scores.float(), q, reduction="none")
+            loss_cls = (bce * weight).sum() / n
+        else:
+            loss_cls = self.fl(pred_scores, one_hot) * nq  # no objects: focal loss on all-negative targets, as stock
+        losses = {f"loss_class{postfix}": loss_cls * self.loss_gain["class"]}
+
+        if not n:
+            losses[f"loss_bbox{postfix}"] = losses[f"loss_giou{postfix}"] = pred_bboxes[..., :0].sum()
+            return losses
+        l1 = (pb - gb).abs().sum(-1)
+        giou = 1.0 - bbox_iou(pb, gb, xywh=True, GIoU=True).squeeze(-1)
+        if r_reg is not None:
+            l1, giou = l1 * r_reg, giou * r_reg
+        losses[f"loss_bbox{postfix}"] = l1.sum() / n * self.loss_gain["bbox"]
+        losses[f"loss_giou{postfix}"] = giou.sum() / n * self.loss_gain["giou"]
+
+        if self.spr and use:
+            l_off, l_att = spr_losses(sampling["offsets"][layer][idx], sampling["attn"][layer][idx], self.eta[layer],
+                                      self.n_points)
+            self._spr.append((l_off.sum() / n, l_att.sum() / n))
+        return losses

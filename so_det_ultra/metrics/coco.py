@@ -1,0 +1,404 @@
+"""Small-object COCO-style evaluation: AP, AP50, AP75 and AP per object-size bin, with ignored regions.
+
+Matching and accumulation are faster-coco-eval's ``COCOeval_faster`` (a C++ re-implementation of pycocotools'
+``COCOeval`` with the same results; Ultralytics uses it for its own ``save_json`` evaluation). This module only
+builds the COCO ground truth and detections from a YOLO dataset, its sidecars and a ``predictions.json``, applies the
+ignored-region rule and the per-image detection cap, and reads AP values out of ``COCOeval.eval["precision"]``.
+
+Protocols (SPEC.md sec. 7):
+
+- ``visdrone`` -- VisDrone2019-DET. Bins are COCO's (Lin et al., ECCV 2014 / cocodataset.org detection eval): small
+  area <= 32^2, medium 32^2-96^2, large > 96^2. Up to 500 detections per image: the VisDrone2018-DET-toolkit
+  (``utils/calcAccuracy.m``) keeps the first ``maxDets`` detections of each image over all classes. Ignored regions
+  are applied as in the toolkit's ``utils/dropObjectsInIgr.m`` (see :mod:`.ignore`).
+- ``soda-d`` -- SODA-D (Cheng et al., TPAMI 2023; github.com/shaunyuan22/SODA-mmdetection,
+  ``mmdet/datasets/sodad_eval/sodadeval.py``): bins eS 0-12^2, rS 12^2-20^2, gS 20^2-32^2, N(ormal) 32^2-40*50.
+  There, AP/AP50/AP75 are over the ``Small`` range 0-32^2 (objects larger than 32^2 are not part of the headline AP)
+  and maxDets are 100/300/1000.
+
+Interpretation (both protocols; docs/metrics.md):
+
+- Area of a ground-truth box = w * h of its pixel box (COCO uses the annotation's ``area`` field; for box-only
+  datasets it is w * h). Bin edges are inclusive on both ends, as in COCOeval.
+- Detections per image: the highest-scoring ``max_det`` over all classes are kept (Ultralytics' ``max_det``, the
+  VisDrone toolkit), after dropping the ones in ignored regions (the toolkit's order); COCOeval then runs with
+  ``maxDets=[max_det]``, so AP is reported at that cap. SODA-mmdetection's summary reports AP at maxDets[0] = 100 per
+  image *and class*; with ``so_det.max_det: 1000`` we report at the largest cap instead (the issue's choice).
+- Ignored regions: detections and ground-truth boxes with >= 50 % of their area inside ignored regions are removed
+  before matching, for both protocols. SODA-mmdetection itself only removes the ``ignore`` annotations from the
+  ground truth (detections there count as false positives); ``so_det: {ignore: false}`` in the data YAML turns the
+  filter off for an exact SODA-D reproduction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from so_det_ultra.metrics.ignore import DROP_FRACTION, in_ignored
+
+BIG = 1e5**2  # COCO's "no upper limit" area
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An evaluation protocol: size bins, the area range of the headline AP, detections per image, ignore filter.
+
+    Attributes:
+        name: Protocol name as written in the data YAML's ``so_det.eval``.
+        bins: ``(label, min_area, max_area)`` per size bin, pixel^2; reported as ``AP_<label>``.
+        all_range: Area range of AP/AP50/AP75.
+        max_det: Detections kept per image (over all classes) and COCOeval's maxDets.
+        drop_ignored: Remove detections and ground truth lying mostly inside ignored regions.
+        ignore_fraction: "Mostly": the covered fraction at which a box is removed.
+        per_class: Draw the per-class AP panel in the plot.
+    """
+
+    name: str
+    bins: tuple
+    all_range: tuple = (0.0, BIG)
+    max_det: int = 100
+    drop_ignored: bool = True
+    ignore_fraction: float = DROP_FRACTION
+    per_class: bool = False
+
+    @property
+    def keys(self) -> list[str]:
+        """Metric names in report order: AP, AP50, AP75, AP_<bin>..."""
+        return ["AP", "AP50", "AP75", *(f"AP_{b[0]}" for b in self.bins)]
+
+
+PROTOCOLS = {
+    "visdrone": Protocol(
+        "visdrone", (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, BIG)),
+        max_det=500, per_class=True,
+    ),
+    "soda-d": Protocol(
+        "soda-d", (("eS", 0.0, 12.0**2), ("rS", 12.0**2, 20.0**2), ("gS", 20.0**2, 32.0**2), ("N", 32.0**2, 40.0 * 50)),
+        all_range=(0.0, 32.0**2), max_det=1000,
+    ),
+}
+
+
+def protocol_from_data(data: dict) -> Protocol | None:
+    """The protocol a data dict (a loaded data YAML) asks for with its ``so_det:`` key, or None without the key.
+
+    ``so_det: {eval: visdrone | soda-d, sidecars: <folder under path>, max_det: N, ignore: true}``; ``max_det`` and
+    ``ignore`` are optional and override the protocol's defaults.
+    """
+    cfg = data.get("so_det") if isinstance(data, dict) else None
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"data YAML key 'so_det' must be a mapping like {{eval: visdrone, sidecars: sidecars}}, "
+                         f"got {cfg!r}")
+    name = str(cfg.get("eval", "")).lower()
+    if name not in PROTOCOLS:
+        raise ValueError(f"so_det.eval={cfg.get('eval')!r} is not a known protocol; use one of {sorted(PROTOCOLS)}")
+    p = PROTOCOLS[name]
+    max_det = cfg.get("max_det", p.max_det)
+    if not isinstance(max_det, int) or isinstance(max_det, bool) or max_det < 1:
+        raise ValueError(f"so_det.max_det must be a positive integer, got {max_det!r}")
+    ignore = cfg.get("ignore", p.drop_ignored)
+    if not isinstance(ignore, bool):
+        raise ValueError(f"so_det.ignore must be true or false, got {ignore!r}")
+    return replace(p, max_det=max_det, drop_ignored=ignore)
+
+
+# ----------------------------------------------------------------------------------------------- ground truth
+
+
+@dataclass
+class ImageTruth:
+    """Ground truth of one image in pixels: ``boxes`` (N, 4) xyxy, ``cls`` (N,) class indices, ``ignore`` (K, 4)."""
+
+    file: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    cls: np.ndarray
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+
+def sidecar_path(image: Path, root: Path, folder: str = "sidecars") -> Path:
+    """``root/images/<split>/<stem>.<ext>`` -> ``root/<folder>/<split>/<stem>.json`` (the data contract)."""
+    image, root = Path(image), Path(root)
+    try:
+        rel = image.relative_to(root / "images")
+    except ValueError:  # image outside root/images: use the last folder name as the split
+        rel = Path(image.parent.name) / image.name
+    return root / folder / rel.with_suffix(".json")
+
+
+def _read_labels(path: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """YOLO label file -> pixel xyxy boxes and classes. Polygon rows (``cls x1 y1 x2 y2 ...``) become their box."""
+    boxes, cls = [], []
+    if path.is_file():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            v = line.split()
+            if not v:
+                continue
+            try:
+                c, xy = int(float(v[0])), np.asarray(v[1:], dtype=np.float64)
+            except ValueError as err:
+                raise ValueError(f"{path}:{n}: not a YOLO label row: {line!r}") from err
+            if len(xy) == 4:
+                xc, yc, w, h = xy
+                x1, y1, x2, y2 = xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
+            elif len(xy) >= 6 and len(xy) % 2 == 0:
+                x1, y1, x2, y2 = xy[0::2].min(), xy[1::2].min(), xy[0::2].max(), xy[1::2].max()
+            else:
+                raise ValueError(f"{path}:{n}: expected 'cls xc yc w h' (or a polygon), got {line!r}")
+            boxes.append([x1 * width, y1 * height, x2 * width, y2 * height])
+            cls.append(c)
+    # Labels hold ~6 decimals of a normalised value (~0.002 px at 2000 px): rounding to 0.01 px gives integral source
+    # annotations (VisDrone) back exactly, so a box lying exactly on the ignore threshold stays on its side.
+    boxes = np.round(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), 2)
+    return boxes, np.asarray(cls, dtype=np.int64)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+    from ultralytics.data.utils import exif_size
+
+    with Image.open(path) as im:
+        return exif_size(im)
+
+
+def load_truth(image_files, root, sidecars: str = "sidecars", single_cls: bool = False) -> list[ImageTruth]:
+    """Ground truth of ``image_files`` from their YOLO labels, sizes and sidecars.
+
+    Sizes come from the sidecar (``width``/``height``), else from the image header (EXIF-corrected, as Ultralytics
+    reads it). An image without a sidecar has no ignored regions.
+    """
+    from ultralytics.data.utils import img2label_paths
+
+    image_files = [Path(f) for f in image_files]
+    out = []
+    for img, lbl in zip(image_files, img2label_paths(image_files)):
+        side = sidecar_path(img, root, sidecars)
+        meta = json.loads(side.read_text()) if side.is_file() else {}
+        if "width" in meta and "height" in meta:
+            w, h = int(meta["width"]), int(meta["height"])
+        else:
+            w, h = _image_size(img)
+        boxes, cls = _read_labels(Path(lbl), w, h)
+        ignore = np.asarray(meta.get("ignore", []), dtype=np.float64).reshape(-1, 4)
+        out.append(ImageTruth(img, w, h, boxes, cls * 0 if single_cls else cls, ignore))
+    return out
+
+
+def split_images(data: dict, split: str) -> list[Path]:
+    """Image files of ``data[split]`` (a folder, a .txt list or a list of those), as Ultralytics lists them."""
+    from ultralytics.data.utils import IMG_FORMATS
+
+    if not data.get(split):
+        raise ValueError(f"the data YAML has no '{split}' split (splits: "
+                         f"{[k for k in ('train', 'val', 'test', 'minival') if data.get(k)]})")
+    entries = data[split] if isinstance(data[split], (list, tuple)) else [data[split]]
+    files = []
+    for entry in entries:
+        p = Path(entry)
+        if p.is_dir():
+            files += [f for f in p.rglob("*") if f.suffix[1:].lower() in IMG_FORMATS]
+        elif p.is_file() and p.suffix == ".txt":
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    f = Path(line.strip())
+                    files.append(f if f.is_absolute() else (p.parent / f))
+        else:
+            raise FileNotFoundError(f"split '{split}': {p} is neither a folder of images nor a .txt list")
+    return sorted(files)
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Result:
+    """Output of :func:`evaluate`. ``metrics``: AP, AP50, AP75, AP_<bin> in [0, 1], or None for a bin (or class)
+    without ground truth (COCO's -1). ``counts``: what was evaluated and what the ignore rule removed."""
+
+    protocol: Protocol
+    metrics: dict
+    per_class: dict
+    counts: dict
+
+    def as_dict(self) -> dict:
+        p = self.protocol
+        return {
+            **self.metrics,
+            "per_class": self.per_class,
+            "counts": self.counts,
+            "protocol": {"eval": p.name, "max_det": p.max_det, "bins": {b[0]: [b[1], b[2]] for b in p.bins},
+                         "all_range": list(p.all_range), "drop_ignored": p.drop_ignored,
+                         "ignore_fraction": p.ignore_fraction},
+        }
+
+    def table(self, per_class: bool = False) -> str:
+        """Printable summary, laid out like Ultralytics' validation table."""
+        c, p = self.counts, self.protocol
+        head = (f"so-det {p.name} AP (COCO-style, maxDets={p.max_det}): {c['images']} images, {c['gt']} objects"
+                + (f"; ignored regions removed {c['gt_ignored']} objects and {c['det_ignored']} detections"
+                   if p.drop_ignored else "; ignored regions not applied"))
+        keys = list(self.metrics)
+        fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+        lines = [head, ("%22s" + "%11s" * len(keys)) % ("", *keys),
+                 ("%22s" + "%11s" * len(keys)) % ("all", *(fmt(self.metrics[k]) for k in keys))]
+        if per_class:
+            lines += [("%22s%11s") % (name, fmt(ap)) for name, ap in self.per_class.items()]
+        return "\n".join(lines)
+
+
+def _image_keys(truth: list[ImageTruth]) -> dict:
+    """Ways a prediction names an image: file name, stem, and Ultralytics' int(stem) for numeric stems."""
+    keys = {}
+    for i, t in enumerate(truth):
+        stem = t.file.stem
+        for k in (t.file.name, stem, str(int(stem)) if stem.isnumeric() else None):
+            if k is not None:
+                keys.setdefault(k, i)
+    return keys
+
+
+def _group_predictions(predictions, truth: list[ImageTruth], nc: int) -> list[tuple]:
+    """COCO result rows -> per image (boxes xyxy, scores, classes), with clear errors for rows that do not fit."""
+    keys, n = _image_keys(truth), len(truth)
+    per = [([], [], []) for _ in range(n)]
+    unknown, bad_cat = [], []
+    for d in predictions:
+        i = keys.get(str(d.get("file_name", ""))) if "file_name" in d else None
+        i = keys.get(str(d.get("image_id"))) if i is None else i
+        if i is None:
+            unknown.append(d.get("file_name", d.get("image_id")))
+            continue
+        c = d.get("category_id")
+        if not isinstance(c, (int, np.integer)) or not 1 <= c <= nc:
+            bad_cat.append(c)
+            continue
+        x, y, w, h = (float(v) for v in d["bbox"])
+        per[i][0].append([x, y, x + w, y + h])
+        per[i][1].append(float(d["score"]))
+        per[i][2].append(int(c) - 1)
+    if unknown:
+        raise ValueError(f"{len(unknown)} predictions name images that are not in this split (first: "
+                         f"{sorted(set(map(str, unknown)))[:3]}); check --split and that image_id is the file stem")
+    if bad_cat:
+        raise ValueError(f"{len(bad_cat)} predictions have category_id outside 1..{nc} (first: {bad_cat[:3]}); "
+                         "expected Ultralytics' non-COCO convention category_id = class index + 1")
+    return [(np.asarray(b, dtype=np.float64).reshape(-1, 4), np.asarray(s, dtype=np.float64),
+             np.asarray(c, dtype=np.int64)) for b, s, c in per]
+
+
+def evaluate(truth: list[ImageTruth], predictions, protocol: Protocol, names=None) -> Result:
+    """Evaluate COCO-format ``predictions`` against ``truth`` under ``protocol``.
+
+    Args:
+        truth: One :class:`ImageTruth` per image of the split (images without predictions count too).
+        predictions: Rows ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"[, "file_name"]}`` as written by
+            ``yolo val save_json=True`` (image_id = file stem, category_id = class index + 1).
+        protocol: A :class:`Protocol` (see :data:`PROTOCOLS`, :func:`protocol_from_data`).
+        names: Class names, dict ``{index: name}`` or list; defaults to the class indices found.
+
+    Returns:
+        A :class:`Result`.
+
+    Example:
+        >>> t = [ImageTruth(Path("a.jpg"), 100, 100, np.array([[10.0, 10, 20, 20]]), np.array([0]))]
+        >>> evaluate(t, [{"image_id": "a", "category_id": 1, "bbox": [10, 10, 10, 10], "score": 0.9}],
+        ...          PROTOCOLS["visdrone"]).metrics["AP"]
+        1.0
+    """
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names)]
+    nc = len(names) if names else int(max([t.cls.max() + 1 for t in truth if len(t.cls)] or [1]))
+    names = list(names) if names else [str(i) for i in range(nc)]
+    if any(len(t.cls) and t.cls.max() >= nc for t in truth):
+        raise ValueError(f"labels hold class indices >= nc={nc}")
+    preds = _group_predictions(predictions, truth, nc)
+    counts = {"images": len(truth), "gt": 0, "gt_ignored": 0, "det": 0, "det_ignored": 0, "det_over_max_det": 0}
+    images, gts, dts = [], [], []
+    for i, (t, (boxes, scores, cls)) in enumerate(zip(truth, preds)):
+        images.append({"id": i, "width": t.width, "height": t.height, "file_name": t.file.name})
+        keep_gt = np.ones(len(t.boxes), bool)
+        if protocol.drop_ignored and len(t.ignore):
+            keep_gt = ~in_ignored(t.boxes, t.ignore, protocol.ignore_fraction)
+            drop = in_ignored(boxes, t.ignore, protocol.ignore_fraction)
+            counts["det_ignored"] += int(drop.sum())
+            boxes, scores, cls = boxes[~drop], scores[~drop], cls[~drop]
+        counts["gt_ignored"] += int((~keep_gt).sum())
+        order = np.argsort(-scores, kind="stable")[: protocol.max_det]
+        counts["det_over_max_det"] += len(scores) - len(order)
+        for b, c in zip(t.boxes[keep_gt], t.cls[keep_gt]):
+            w, h = b[2] - b[0], b[3] - b[1]
+            gts.append({"id": len(gts) + 1, "image_id": i, "category_id": int(c) + 1,
+                        "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": 0})
+        for b, s, c in zip(boxes[order], scores[order], cls[order]):
+            dts.append({"image_id": i, "category_id": int(c) + 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                        "score": s})
+    counts["gt"], counts["det"] = len(gts), len(dts)
+    areas = np.asarray([g["area"] for g in gts])
+    counts["gt_per_bin"] = {lbl: int(((areas >= lo) & (areas <= hi)).sum()) for lbl, lo, hi in protocol.bins}
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    gt_api = COCO({"images": images, "annotations": gts, "categories": [{"id": k + 1, "name": names[k]}
+                                                                         for k in range(nc)]})
+    gt_api.print_function = quiet
+    dt_api = gt_api.loadRes(dts)
+    ev = COCOeval_faster(gt_api, dt_api, iouType="bbox", print_function=quiet)
+    p = ev.params
+    p.imgIds, p.catIds = list(range(len(images))), list(range(1, nc + 1))
+    p.areaRng = [list(protocol.all_range), *([lo, hi] for _, lo, hi in protocol.bins)]
+    p.areaRngLbl = ["all", *(b[0] for b in protocol.bins)]
+    p.maxDets = [protocol.max_det]
+    ev.evaluate()
+    ev.accumulate()
+    precision = np.asarray(ev.eval["precision"])  # (iou thresholds, recall points, classes, area ranges, maxDets)
+    iou = np.asarray(p.iouThrs)
+
+    def ap(area: int, t=slice(None), k=slice(None)):
+        x = precision[t, :, k, area, -1]
+        x = x[x > -1]
+        return float(x.mean()) if x.size else None
+
+    t50, t75 = int(np.argmin(abs(iou - 0.5))), int(np.argmin(abs(iou - 0.75)))
+    metrics = {"AP": ap(0), "AP50": ap(0, t50), "AP75": ap(0, t75)}
+    metrics.update({f"AP_{lbl}": ap(a + 1) for a, (lbl, _, _) in enumerate(protocol.bins)})
+    per_class = {names[k]: ap(0, k=k) for k in range(nc)}
+    return Result(protocol, metrics, per_class, counts)
+
+
+def load_predictions(path) -> list:
+    """A ``predictions.json`` (list of COCO result rows) with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file not found: {path}")
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list) or (rows and not all(isinstance(r, dict) and {"image_id", "category_id", "bbox",
+                                                                                   "score"} <= r.keys() for r in rows)):
+        raise ValueError(f"{path}: expected a JSON list of {{image_id, category_id, bbox, score}} rows, as written "
+                         "by 'yolo val save_json=True'")
+    return rows
+
+
+def evaluate_dataset(data: dict, split: str, predictions, protocol: Protocol | None = None, image_files=None,
+                     single_cls: bool = False) -> Result:
+    """Evaluate ``predictions`` on ``data[split]`` of a loaded data dict (``check_det_dataset`` output).
+
+    The ground truth is the split's YOLO labels, image sizes and sidecars (``<path>/<so_det.sidecars>/<split>/``).
+    """
+    protocol = protocol or protocol_from_data(data)
+    if protocol is None:
+        raise ValueError("the data YAML has no 'so_det:' key, so no evaluation protocol; add "
+                         "so_det: {eval: visdrone, sidecars: sidecars, max_det: 500} (see docs/metrics.md)")
+    files = split_images(data, split) if image_files is None else image_files
+    names = data.get("names")
+    if single_cls:
+        names = ["object"]
+    truth = load_truth(files, data.get("path", "."), data["so_det"].get("sidecars", "sidecars"), single_cls)
+    return evaluate(truth, predictions, protocol, names)

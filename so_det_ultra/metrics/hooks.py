@@ -1,0 +1,153 @@
+"""Ultralytics callbacks: size-wise APs in ``yolo val`` and in the validation of ``yolo train``.
+
+Registered in :data:`so_det_ultra.integration.callbacks.CALLBACKS` (Ultralytics' public default-callback table), so
+they run in every validator and trainer. Each does nothing unless the data YAML carries the ``so_det:`` key
+(:func:`so_det_ultra.metrics.coco.protocol_from_data`) and the task is ``detect``; other datasets are untouched.
+
+- ``on_val_start``: raises ``max_det`` to ``so_det.max_det`` when it is still Ultralytics' default (300) -- the same
+  "explicit or default" test Ultralytics' own ``DetectionValidator._check_max_det`` uses, so ``max_det=...`` given
+  by the user wins (an explicit 300 cannot be told from the default). Turns on ``save_json`` so that the validator
+  collects its COCO-format predictions (``validator.jdict``); Ultralytics does the same for COCO and LVIS.
+- ``on_val_end``: evaluates ``validator.jdict`` against the split's labels + sidecars, prints the table under
+  Ultralytics' one, writes ``so_det_metrics.json`` and appends a row to ``so_det_metrics.csv`` in the run folder,
+  draws ``so_det_ap.png`` when ``plots`` is on, and attaches the numbers to ``validator.metrics.so_det`` (what
+  ``model.val()`` returns).
+- ``on_fit_epoch_end`` (trainer): adds ``so_det/AP...`` to ``trainer.metrics`` (seen by logger integrations that
+  run after it) and to the epoch's row of ``results.csv`` (the trainer writes that row before this event; the
+  callback appends the columns), and a row with the epoch to ``so_det_metrics.csv``. ``on_train_epoch_end`` removes
+  the keys from ``trainer.metrics`` again (see there).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+from so_det_ultra.metrics.coco import evaluate, load_truth, protocol_from_data
+
+PREFIX = "so_det/"
+
+
+def _protocol(validator):
+    """The run's protocol, or None when this validator is not ours to touch."""
+    data = getattr(validator, "data", None)
+    if getattr(validator.args, "task", None) != "detect" or not hasattr(validator, "pred_to_json"):
+        return None
+    return protocol_from_data(data) if isinstance(data, dict) else None
+
+
+def on_val_start(validator):
+    p = _protocol(validator)
+    if p is None:
+        return
+    from ultralytics.utils import DEFAULT_CFG, LOGGER
+
+    args = validator.args
+    if args.max_det == DEFAULT_CFG.max_det and p.max_det != args.max_det:
+        LOGGER.info(f"so-det: max_det={p.max_det} (so_det.max_det of the data YAML, {p.name} protocol)")
+        args.max_det = p.max_det
+    args.save_json = True  # the predictions (validator.jdict) are what we evaluate
+
+
+def on_val_end(validator):
+    p = _protocol(validator)
+    if p is None:
+        return
+    from ultralytics.utils import LOGGER
+
+    try:
+        result = _evaluate(validator, p)
+    except Exception as err:  # a metrics bug must not end a long training run; say so loudly instead
+        LOGGER.warning(f"so-det: size-wise evaluation failed: {type(err).__name__}: {err}")
+        return
+    LOGGER.info(result.table(per_class=validator.args.verbose and not validator.training))
+    values = result.as_dict()
+    save_dir = validator.save_dir
+    (save_dir / "so_det_metrics.json").write_text(json.dumps(values, indent=2))
+    if not validator.training:  # during training the row (with its epoch) is written by on_fit_epoch_end
+        _append_csv(save_dir / "so_det_metrics.csv", {"epoch": "", "split": validator.args.split, **result.metrics})
+    if validator.args.plots:
+        from so_det_ultra.metrics.plots import plot_ap
+
+        try:
+            plot_ap(result, save_dir / "so_det_ap.png")
+        except Exception as err:
+            LOGGER.warning(f"so-det: AP plot failed: {err}")
+    if getattr(validator, "metrics", None) is not None:
+        validator.metrics.so_det = values
+    validator.so_det_pending = result.metrics  # picked up by on_fit_epoch_end when a trainer runs this validator
+
+
+def _evaluate(validator, p):
+    files = list(validator.dataloader.dataset.im_files)
+    cache = getattr(validator, "_so_det_truth", None)
+    if cache is None or cache[0] != files:  # labels and sidecars read once per validator, not every epoch
+        data = validator.data
+        truth = load_truth(files, data.get("path", "."), data["so_det"].get("sidecars", "sidecars"),
+                           bool(validator.args.single_cls))
+        validator._so_det_truth = cache = (files, truth)
+    names = ["object"] if validator.args.single_cls else validator.data.get("names")
+    return evaluate(cache[1], validator.jdict, p, names)
+
+
+def on_fit_epoch_end(trainer):
+    validator = getattr(trainer, "validator", None)
+    metrics = getattr(validator, "so_det_pending", None)
+    if not metrics:
+        return
+    validator.so_det_pending = None
+    cols = {PREFIX + k: v for k, v in metrics.items()}
+    if isinstance(getattr(trainer, "metrics", None), dict):
+        trainer.metrics.update({k: (math.nan if v is None else v) for k, v in cols.items()})
+    from ultralytics.utils import RANK
+
+    if RANK in {-1, 0} and _extend_results_row(trainer.csv, trainer.epoch + 1, cols):
+        _append_csv(trainer.save_dir / "so_det_metrics.csv", {"epoch": trainer.epoch + 1, "split": "val", **metrics})
+
+
+def on_train_epoch_end(trainer):
+    """Take our keys out of ``trainer.metrics`` again before the next validation.
+
+    When an epoch skips validation (``val=False``), Ultralytics writes the previous ``trainer.metrics`` into the new
+    results.csv row; with our keys inside that dict its columns would shift against the header.
+    """
+    if isinstance(getattr(trainer, "metrics", None), dict):
+        for k in [k for k in trainer.metrics if str(k).startswith(PREFIX)]:
+            del trainer.metrics[k]
+
+
+def _extend_results_row(path, epoch: int, cols: dict) -> bool:
+    """Append ``cols`` to the row of ``epoch`` in Ultralytics' results.csv, adding header names when missing.
+
+    Only the last row is touched, and only when it is the row this epoch's ``save_metrics`` just wrote (the final
+    validation of ``best.pt`` fires ``on_fit_epoch_end`` without writing a row). Earlier rows without the columns
+    read as empty (polars, which Ultralytics reads results.csv with, fills them with null).
+    """
+    if not path.is_file():
+        return False
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if len(lines) < 2:
+        return False
+    header, row = lines[0].split(","), lines[-1].split(",")
+    try:
+        if int(float(row[0])) != epoch:
+            return False
+    except ValueError:
+        return False
+    header += [k for k in cols if k not in header]
+    row += [""] * (len(header) - len(row))
+    for k, v in cols.items():
+        row[header.index(k)] = "" if v is None else "%.6g" % v
+    lines[0], lines[-1] = ",".join(header), ",".join(row)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return True
+
+
+def _append_csv(path, row: dict):
+    new = not path.is_file()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(list(row))
+        w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row.values()])
