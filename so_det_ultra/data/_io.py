@@ -147,6 +147,22 @@ def image_index(folder: Path) -> dict:
     return out
 
 
+def find_local_source(data: dict, env: str, found, missing: str) -> Path:
+    """The folder a dataset YAML's offline ``download:`` step converts from.
+
+    Looks, in order, in ``$env``, in ``data['path']`` and in its parent (Ultralytics' ``datasets_dir`` for a relative
+    ``path``) for a folder where ``found(folder)`` is true; raises FileNotFoundError with ``missing`` (formatted with
+    ``where`` and ``env``) otherwise. Never downloads.
+    """
+    root = Path(data["path"])
+    candidates = [Path(os.environ[env])] if os.environ.get(env) else []
+    candidates += [root, root.parent]
+    for c in candidates:
+        if c.is_dir() and found(c):
+            return c
+    raise FileNotFoundError(missing.format(where=" or ".join(map(str, candidates)), env=env))
+
+
 def progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
     """Ultralytics' dependency-free progress bar around ``iterable`` (plain iteration when disabled)."""
     if not enabled:

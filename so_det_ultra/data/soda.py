@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -293,11 +292,5 @@ def prepare_from_yaml(data: dict) -> None:
 
     Looks in ``$SO_DET_SODA_SRC``, in ``path`` itself and in its parent folder. Never downloads.
     """
-    root = Path(data["path"])
-    candidates = [Path(os.environ[ENV_SRC])] if os.environ.get(ENV_SRC) else []
-    candidates += [root, root.parent]
-    for c in candidates:
-        if c.is_dir() and (find_source(c) or _archives(c)):
-            convert_soda(c, root)
-            return
-    raise FileNotFoundError(MISSING.format(where=" or ".join(map(str, candidates)), env=ENV_SRC))
+    src = _io.find_local_source(data, ENV_SRC, lambda c: find_source(c) or _archives(c), MISSING)
+    convert_soda(src, Path(data["path"]))

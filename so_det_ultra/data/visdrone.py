@@ -31,7 +31,6 @@ Examples:
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,12 +357,5 @@ def prepare_from_yaml(data: dict) -> None:
     Looks, in order, in ``$SO_DET_VISDRONE_SRC``, in ``path`` itself and in its parent folder (Ultralytics'
     ``datasets_dir`` for the default relative ``path``) for the official folders or archives. Never downloads.
     """
-    root = Path(data["path"])
-    candidates = [Path(os.environ[ENV_SRC])] if os.environ.get(ENV_SRC) else []
-    candidates += [root, root.parent]
-    for c in candidates:
-        if c.is_dir() and (find_splits(c) or _archives(c)):
-            convert_visdrone(c, root)
-            return
-    where = " or ".join(str(c) for c in candidates)
-    raise FileNotFoundError(MISSING.format(where=where, env=ENV_SRC))
+    src = _io.find_local_source(data, ENV_SRC, lambda c: find_splits(c) or _archives(c), MISSING)
+    convert_visdrone(src, Path(data["path"]))

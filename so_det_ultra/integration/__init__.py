@@ -8,6 +8,8 @@
 - ``guess_model_scale``: ``<family>-<scale>.yaml`` names of our model families give their scale letter.
 - ``DetectionModel.init_criterion``/``RTDETRDetectionModel.init_criterion``: a model YAML's ``loss:`` section picks a
   registered criterion (:mod:`.losses`); without it, Ultralytics' own.
+- ``guess_model_task``: ``YOLO()`` on a YAML whose head is one of our RT-DETR decoders says to use ``RTDETR``
+  (:mod:`.rtdetr`).
 - ``default_callbacks``: functions appended to Ultralytics' default callback table (:mod:`.callbacks`).
 - ``torch.serialization.add_safe_globals``: every registered class, so ``ULTRALYTICS_SAFE_LOAD=1`` loads our
   checkpoints (a public torch API; listed for completeness).
@@ -56,7 +58,7 @@ def install(strict: bool = False):
                 raise RuntimeError(version.message(ultralytics.__version__))
             warnings.warn(version.message(ultralytics.__version__), RuntimeWarning, stacklevel=3)
             return
-        from so_det_ultra.integration import callbacks, losses, names, parser, serialization
+        from so_det_ultra.integration import callbacks, losses, names, parser, rtdetr, serialization
 
         import ultralytics.nn.tasks as tasks
         import ultralytics.utils.checks as checks
@@ -69,7 +71,7 @@ def install(strict: bool = False):
         losses.install()
         callbacks.install()
         serialization.install()
-        __import__("so_det_ultra.integration.rtdetr", fromlist=["install"]).install()  # YOLO(rtdetr yaml) hint
+        rtdetr.install()
         _state["done"] = True
 
 
