@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("so_det_ultra.data.synthetic_cli", "so_det_ultra.data.convert_cli", "so_det_ultra.metrics.cli")
+COMMANDS = ("so_det_ultra.data.synthetic_cli", "so_det_ultra.data.convert_cli", "so_det_ultra.metrics.cli",
+            "so_det_ultra.highres.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

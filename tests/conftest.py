@@ -47,6 +47,18 @@ def python(code: str, cwd, env=None, timeout=900) -> subprocess.CompletedProcess
     return run([sys.executable, "-c", code], cwd=cwd, env=env, timeout=timeout)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests run small forwards, two pytest workers on two cores: one torch thread each avoids OpenMP
+    oversubscription (two 2-thread workers on 2 cores ran a so-det-n forward 17x slower than one thread)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """data.yaml of an 8+4 image, 64 px, 3-class synthetic tiny-object dataset."""

@@ -6,7 +6,7 @@ Each family lives in its own module and registers its classes with ``@register_l
 import importlib
 
 # One entry per loss family module; add yours here.
-FAMILIES = ("dcloss", "better_sampling")
+FAMILIES = ("dcloss", "better_sampling", "esod")
 
 for _name in FAMILIES:
     importlib.import_module(f"so_det_ultra.losses.{_name}")

@@ -20,7 +20,7 @@ from so_det_ultra.nn.fusion import (
 )
 
 # Further block families (one module each, registering themselves on import); add yours here.
-FAMILIES = ("mrae", "efpn", "sgdm", "detr")
+FAMILIES = ("mrae", "efpn", "sgdm", "detr", "esod")
 
 for _name in FAMILIES:
     importlib.import_module(f"so_det_ultra.nn.{_name}")

@@ -30,7 +30,12 @@ _MOVES = {
 _REDUCTIONS = {"mean", "sum", "amax", "max", "var", "std", "softmax", "_softmax", "logsumexp"}
 
 
-class _Counter(TorchDispatchMode):
+class FlopCounter(TorchDispatchMode):
+    """Counts the FLOPs of everything run inside ``with FlopCounter() as c:`` (any code, not just one model call).
+
+    ``c.gflops`` is the total, ``c.matmul`` / ``c.other`` the two parts in FLOPs.
+    """
+
     def __init__(self):
         super().__init__()
         self.matmul = 0
@@ -52,6 +57,10 @@ class _Counter(TorchDispatchMode):
                 self.other += sum(o.numel() for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point())
         return out
 
+    @property
+    def gflops(self) -> float:
+        return (self.matmul + self.other) / 1e9
+
 
 def count_flops(model: torch.nn.Module, imgsz: int = 640) -> tuple:
     """``(total_gflops, conv_matmul_gflops)`` of one batch-1 forward at ``imgsz`` x ``imgsz`` in eval mode."""
@@ -59,7 +68,7 @@ def count_flops(model: torch.nn.Module, imgsz: int = 640) -> tuple:
     x = torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype)
     was_training = model.training
     model.eval()
-    counter = _Counter()
+    counter = FlopCounter()
     with torch.no_grad(), counter:
         model(x)
     model.train(was_training)

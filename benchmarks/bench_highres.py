@@ -1,0 +1,302 @@
+"""High-resolution inference on real VisDrone frames: dense vs ESOD sparse vs sliced, side by side in one run.
+
+Frames: the 1920x1080 and 2000x1500 images of ``../shared/data/visdrone-sample`` that are held out (every 5th of each
+size, sorted by name). Every mode runs the same so-det-esod model at the frame's own resolution (long side 1920 /
+2000, letterboxed to a multiple of 32), on the CPU, one frame after the other, the modes interleaved per frame.
+
+- dense: the whole frame through the whole network (what ``yolo predict imgsz=1920`` does), NMS.
+- sparse: ESOD (so_det_ultra.highres.sparse) with the heatmap from (a) an oracle drawn from the ground truth
+  (``heatmap_target`` of the GT boxes: isolates the slicing machinery), (b) the model's own seeker.
+- sliced: 640 px tiles, 20 % overlap, plus a 640 full-frame pass, NMS merge (so_det_ultra.highres.sliced).
+
+Reported per mode: median latency per frame, GFLOPs per frame (every op actually run, counted by
+so_det_ultra.utils.flops.FlopCounter around the whole predictor), patches or tiles (+1 full-frame pass) per frame, GT coverage (share of GT objects >= 4 px whose centre lies in a kept patch core: the ceiling sparse
+recall can reach relative to dense) and detection recall (IoU 0.5, objects >= 4 px, conf >= --conf).
+
+Weights: without trained weights the detector finds nothing, so recall is only meaningful with ``--weights``. The
+``train`` step fits so-det-esod on native-resolution 256 px crops of the other sample images (CPU, ~25 min)::
+
+    python benchmarks/bench_highres.py train --epochs 5 --out runs/highres          # writes runs/highres/train/weights
+    python benchmarks/bench_highres.py bench --weights runs/highres/train/weights/best.pt --frames 6
+    python benchmarks/bench_highres.py head        # the sparse head alone against the dense Detect head
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO.parent / "shared" / "data" / "visdrone-sample"
+SIZES = ((1080, 1920), (1500, 2000))
+
+
+# --- data -------------------------------------------------------------------------------------------------------------
+
+
+def ground_truth(stem: str, sample: Path, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 5) class, x1, y1, x2, y2 objects and (M, 4) ignored regions of one sample image (package's parser)."""
+    from so_det_ultra.data.visdrone import Summary, parse_annotation
+
+    lines = (sample / "annotations" / f"{stem}.txt").read_text().splitlines()
+    ann = parse_annotation(lines, w, h, stem, Summary())
+    objs = np.array([o[:5] for o in ann.objects], np.float32).reshape(-1, 5)
+    return objs, np.array(ann.ignore, np.float32).reshape(-1, 4)
+
+
+def split_frames(sample: Path):
+    """Held-out high-resolution frames (every 5th of each size) and the images left for training."""
+    held, rest = [], []
+    by_size = {s: [] for s in SIZES}
+    for p in sorted((sample / "images").glob("*.jpg")):
+        hw = cv2.imread(str(p)).shape[:2]
+        (by_size[hw] if hw in by_size else rest).append(p)
+    for paths in by_size.values():
+        for k, p in enumerate(paths):
+            (held if k % 5 == 4 else rest).append(p)
+    return held, rest
+
+
+def make_crops(paths, sample: Path, out: Path, tile: int = 640, max_crops: int = 600) -> Path:
+    """Native-resolution ``tile`` crops (no overlap) of ``paths`` with their labels; crops without objects dropped."""
+    from so_det_ultra.data.visdrone import NAMES
+    from so_det_ultra.highres.sliced import tile_windows
+
+    rows_by_crop = []
+    for p in paths:
+        img = cv2.imread(str(p))
+        h, w = img.shape[:2]
+        objs, _ = ground_truth(p.stem, sample, w, h)
+        for x0, y0, x1, y1 in tile_windows(h, w, tile, 0.0):
+            b = objs[:, 1:].copy()
+            b[:, [0, 2]] = b[:, [0, 2]].clip(x0, x1) - x0
+            b[:, [1, 3]] = b[:, [1, 3]].clip(y0, y1) - y0
+            area = (objs[:, 3] - objs[:, 1]) * (objs[:, 4] - objs[:, 2])
+            keep = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) >= 0.5 * area  # at least half the object visible
+            if keep.any():
+                rows_by_crop.append((p, (x0, y0, x1, y1), objs[keep, 0], b[keep]))
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(rows_by_crop))[:max_crops]
+    for k, i in enumerate(sorted(order)):
+        p, (x0, y0, x1, y1), cls, b = rows_by_crop[i]
+        split = "val" if k % 10 == 9 else "train"
+        name = f"{p.stem}_{x0}_{y0}"
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out / "images" / split / f"{name}.jpg"), cv2.imread(str(p))[y0:y1, x0:x1])
+        cw, ch = x1 - x0, y1 - y0
+        lines = [f"{int(c)} {(q[0] + q[2]) / 2 / cw:.6f} {(q[1] + q[3]) / 2 / ch:.6f} {(q[2] - q[0]) / cw:.6f} "
+                 f"{(q[3] - q[1]) / ch:.6f}" for c, q in zip(cls, b)]
+        (out / "labels" / split / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    data = out / "data.yaml"
+    data.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: images/val\nnames: {dict(enumerate(NAMES))}\n")
+    return data
+
+
+def train(a):
+    from ultralytics import YOLO
+
+    held, rest = split_frames(Path(a.sample))
+    data = make_crops(rest, Path(a.sample), Path(a.out) / "crops", tile=a.tile, max_crops=a.max_crops)
+    print(f"{len(rest)} training images -> crops in {data.parent}; {len(held)} held-out frames for the benchmark")
+    YOLO(a.model).train(data=str(data), epochs=a.epochs, imgsz=a.tile, batch=a.batch, workers=2, device="cpu",
+                        project=str(Path(a.out).resolve()), name="train", exist_ok=True, plots=False, mosaic=0.5,
+                        close_mosaic=0)
+
+
+# --- measurement ------------------------------------------------------------------------------------------------------
+
+
+def recall(det_xyxy: np.ndarray, gt: np.ndarray, min_size: float = 4.0, iou: float = 0.5) -> tuple[int, int]:
+    """(found, total) GT objects with both sides >= ``min_size`` matched by a detection at IoU >= ``iou``."""
+    import torchvision
+
+    gt = gt[((gt[:, 3] - gt[:, 1]) >= min_size) & ((gt[:, 4] - gt[:, 2]) >= min_size)]
+    if not len(gt) or not len(det_xyxy):
+        return 0, len(gt)
+    m = torchvision.ops.box_iou(torch.as_tensor(gt[:, 1:]), torch.as_tensor(det_xyxy, dtype=torch.float32))
+    return int((m.max(1).values >= iou).sum()), len(gt)
+
+
+def coverage(patches, gt: np.ndarray, scale: float, pad: tuple[float, float], min_size: float = 4.0):
+    """(covered, total) GT objects >= ``min_size`` whose centre (in letterboxed-input pixels) is in a patch core."""
+    gt = gt[((gt[:, 3] - gt[:, 1]) >= min_size) & ((gt[:, 4] - gt[:, 2]) >= min_size)]
+    cx = (gt[:, 1] + gt[:, 3]) / 2 * scale + pad[0]
+    cy = (gt[:, 2] + gt[:, 4]) / 2 * scale + pad[1]
+    inside = np.zeros(len(gt), bool)
+    for p in patches:
+        y0, x0, y1, x1 = (v * 8 for v in p.core)
+        inside |= (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+    return int(inside.sum()), len(gt)
+
+
+def letterbox_geometry(h, w, hw):
+    r = min(hw[0] / h, hw[1] / w)
+    return r, ((hw[1] - round(w * r)) / 2, (hw[0] - round(h * r)) / 2)
+
+
+def oracle_heatmap(gts):
+    from so_det_ultra.losses.esod import heatmap_target
+
+    def heat(n, path, hw, cells):
+        objs, _ = gts[n]
+        img_h, img_w = path  # the caller passes the image's (h, w)
+        r, (px, py) = letterbox_geometry(img_h, img_w, hw)
+        b = torch.as_tensor(objs[:, 1:]) * r + torch.tensor([px, py, px, py])
+        return heatmap_target(b, cells, 8)[0]
+
+    return heat
+
+
+def bench(a):
+    from ultralytics import YOLO
+    from ultralytics.utils.nms import non_max_suppression
+
+    from so_det_ultra.highres import common
+    from so_det_ultra.highres.sliced import sliced_predict
+    from so_det_ultra.highres.sparse import SparseModel, sparse_predict
+    from so_det_ultra.utils.flops import FlopCounter
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    sample = Path(a.sample)
+    held, _ = split_frames(sample)
+    sizes = {p: cv2.imread(str(p)).shape[:2] for p in held}
+    frames = [p for hw in SIZES for p in [q for q in held if sizes[q] == hw][: a.frames]]
+    model = common.load_model(YOLO(a.weights or a.model), "cpu")
+    sm = SparseModel(model)
+    images = [cv2.imread(str(p)) for p in frames]
+    gts = [ground_truth(p.stem, sample, im.shape[1], im.shape[0]) for p, im in zip(frames, images)]
+    print(f"model {a.weights or a.model}: {sum(p.numel() for p in model.parameters()):,} params; "
+          f"{len(frames)} frames {sorted({im.shape[:2] for im in images})}; torch threads {a.threads}")
+
+    sparse_modes = {"sparse-oracle": dict(oracle=True), "sparse-oracle+head": dict(oracle=True, sparse_head=True),
+                    "sparse-seeker": dict(oracle=False), "sparse-seeker+head": dict(oracle=False, sparse_head=True)}
+    sparse_modes.update({f"sparse-oracle p{k}": dict(oracle=True, patch=k) for k in a.patch_sweep})
+    modes = ("dense", *sparse_modes, "sliced")
+    rows = {m: {"ms": [], "found": 0, "total": 0, "cov": 0, "covn": 0, "units": [], "gflops": []} for m in modes}
+    oracle = oracle_heatmap(gts)
+
+    def run(mode, n, img):
+        if mode == "dense":
+            x = common.letterbox(img, None, sm.stride)
+            with torch.no_grad():  # not inference_mode: FlopCounter does not see convs under it
+                det = non_max_suppression(model(x)[0], a.conf, 0.7, max_det=1000, max_time_img=60)[0]
+            return common.to_results(det, img, str(frames[n]), model.names, tuple(x.shape[2:])), 1
+        if mode == "sliced":
+            res = sliced_predict(model, img, tile=640, overlap=0.2, imgsz=640, conf=a.conf)[0]
+            return res, res.n_tiles + 1
+        opt = dict(sparse_modes[mode])
+        if opt.pop("oracle"):
+            heat, thr = (lambda k, path, hw, cells: oracle(n, img.shape[:2], hw, cells)), a.thr
+        else:
+            heat, thr = None, a.seeker_thr
+        res = sparse_predict(sm, img, heatmap=heat, conf=a.conf, thr=thr, margin=a.margin, **opt)[0]
+        return res, len(res.patches)
+
+    for n, img in enumerate(images):  # untimed pass: FLOPs, recall, coverage (and warm-up)
+        for mode in modes:
+            with FlopCounter() as fc:
+                res, units = run(mode, n, img)
+            r = rows[mode]
+            r["gflops"].append(fc.gflops)
+            r["units"].append(units)
+            f, t = recall(res.boxes.xyxy.numpy(), gts[n][0])
+            r["found"], r["total"] = r["found"] + f, r["total"] + t
+            if mode.startswith("sparse"):
+                x_hw = common.letterbox(img, None, sm.stride).shape[2:]
+                c, t = coverage(res.patches, gts[n][0], *letterbox_geometry(*img.shape[:2], x_hw))
+                r["cov"], r["covn"] = r["cov"] + c, r["covn"] + t
+    for _ in range(a.rounds):  # timed rounds, modes interleaved per frame
+        for n, img in enumerate(images):
+            for mode in modes:
+                t0 = time.perf_counter()
+                run(mode, n, img)
+                rows[mode]["ms"].append((time.perf_counter() - t0) * 1000)
+    report(rows, a)
+
+
+def head(a):
+    """Dense Detect vs the sparse head alone, on 12 patch-sized feature maps, for clustered masks of growing density."""
+    import torch.nn.functional as F
+
+    from so_det_ultra.highres import common
+    from so_det_ultra.highres.sparse_head import dilate, sparse_detect
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = common.load_model(a.model)
+    det, p4_cells = model.model[-1], 34  # 272 px crops: strides 4 / 8 / 16 give 68 / 34 / 17 cells
+    chans = [s[0].conv.in_channels for s in det.cv2]
+    feats = [torch.randn(12, c, p4_cells * 8 // int(s), p4_cells * 8 // int(s)) for c, s in zip(chans, det.stride)]
+    print("| share of cells | dense head ms | sparse head ms | speed-up |\n|---|---|---|---|")
+    for seeds in (0.003, 0.01, 0.03):
+        m8 = dilate(torch.rand(12, p4_cells, p4_cells) < seeds, 2)
+        masks = [m8.repeat_interleave(2, 1).repeat_interleave(2, 2), m8, F.max_pool2d(m8[:, None].float(), 2)[:, 0] > 0]
+        ms = {}
+        for name, fn in (("dense", lambda: det(feats)), ("sparse", lambda: sparse_detect(det, feats, masks))):
+            with torch.no_grad():
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(a.rounds):
+                    fn()
+            ms[name] = (time.perf_counter() - t0) / a.rounds * 1000
+        print(f"| {100 * m8.float().mean():.0f} % | {ms['dense']:.0f} | {ms['sparse']:.0f} | "
+              f"{ms['dense'] / ms['sparse']:.2f}x |")
+
+
+def report(rows, a):
+    dense = statistics.median(rows["dense"]["ms"])
+    print(f"\n| mode | median ms/frame | x dense | GFLOPs/frame | patches or tiles/frame | GT coverage | recall@0.5 |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, r in rows.items():
+        ms = statistics.median(r["ms"])
+        cov = f"{100 * r['cov'] / max(r['covn'], 1):.1f} %" if mode.startswith("sparse") else "100 %"
+        units = f"{statistics.mean(r['units']):.1f} (min {min(r['units'])}, max {max(r['units'])})"
+        print(f"| {mode} | {ms:.0f} | {dense / ms:.2f}x | {statistics.mean(r['gflops']):.1f} | {units} | {cov} | "
+              f"{100 * r['found'] / max(r['total'], 1):.1f} % ({r['found']}/{r['total']}) |")
+    sliced = statistics.median(rows["sliced"]["ms"])
+    for m in [k for k in rows if k.startswith("sparse")]:
+        ms = statistics.median(rows[m]["ms"])
+        print(f"{m}: {dense / ms:.2f}x faster than dense (goal >= 3x), {sliced / ms:.2f}x faster than sliced "
+              f"(goal >= 5x), recall {100 * (rows[m]['found'] / max(rows[m]['total'], 1) - rows['dense']['found'] / max(rows['dense']['total'], 1)):+.1f} points vs dense (goal >= -2)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="step", required=True)
+    for name in ("train", "bench", "head"):
+        s = sub.add_parser(name)
+        s.add_argument("--sample", default=str(SAMPLE))
+        s.add_argument("--model", default="so-det-esod-s.yaml")
+    t = sub.choices["train"]
+    t.add_argument("--out", default="runs/highres")
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--tile", type=int, default=256, help="crop size = training imgsz (native resolution)")
+    t.add_argument("--max-crops", type=int, default=600)
+    b = sub.choices["bench"]
+    b.add_argument("--weights", help="trained so-det-esod checkpoint (default: untrained --model)")
+    b.add_argument("--frames", type=int, default=4, help="held-out frames per size (1920x1080, 2000x1500)")
+    b.add_argument("--rounds", type=int, default=2, help="timed rounds over all frames (after one warm-up round)")
+    b.add_argument("--conf", type=float, default=0.05)
+    b.add_argument("--thr", type=float, default=0.5, help="heatmap threshold with the oracle heatmap")
+    b.add_argument("--seeker-thr", type=float, default=0.5, help="heatmap threshold with the model's seeker")
+    b.add_argument("--patch-sweep", type=int, nargs="*", default=[16], help="extra oracle runs at these patch sizes")
+    b.add_argument("--margin", type=int, default=2)
+    b.add_argument("--threads", type=int, default=2)
+    h = sub.choices["head"]
+    h.add_argument("--rounds", type=int, default=5)
+    h.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    {"train": train, "bench": bench, "head": head}[a.step](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Sliced (tiled) inference: run the detector on overlapping native-resolution tiles of a large frame, then merge.
+
+Sources:
+    - SAHI: F. C. Akyon, S. O. Altinuc, A. Temizel, "Slicing Aided Hyper Inference and Fine-tuning for Small Object
+      Detection", ICIP 2022. Overlapping slices, an optional full-frame ("standard") prediction, and merging of the
+      per-slice detections by NMS or greedy non-maximum merging (NMM).
+    - SODA-D protocol: G. Cheng et al., "Towards Large-Scale Small Object Detection: Survey and Benchmarks", TPAMI 2023.
+      High-resolution images are cut into 800x800 patches with 150 px overlap and patch detections are merged with NMS
+      at IoU 0.5; ``tile=800, overlap=150 / 800, full_frame=False, merge="nms", merge_iou=0.5`` follows it.
+
+Interpretations (ours, not prescribed by either source):
+    - Windows: a regular grid with step ``tile - round(overlap * tile)``; the last row/column is shifted back to end on
+      the border (as SAHI's ``get_slice_bboxes``), so no tile is padded with content that is not in the frame.
+    - Each tile is fed at native resolution, only padded (letterboxed) to a multiple of the model stride.
+    - Per-tile NMS uses the same ``conf``/``iou``/``agnostic`` as the final merge; ``merge_iou`` is separate.
+    - The full-frame pass is skipped when a single window already covers the whole frame (as SAHI does).
+
+Example:
+    >>> from so_det_ultra.highres.sliced import sliced_predict, tile_windows
+    >>> tile_windows(1000, 1500, tile=640, overlap=0.2)[:2]
+    [(0, 0, 640, 640), (512, 0, 1152, 640)]
+    >>> results = sliced_predict("so-det-n.pt", "frame_4k.jpg", tile=640)  # doctest: +SKIP
+    >>> results[0].boxes.xyxy.shape, results[0].n_tiles  # doctest: +SKIP
+    (torch.Size([N, 4]), 28)
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from so_det_ultra.highres import common
+
+Window = tuple[int, int, int, int]
+
+
+def tile_windows(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list[Window]:
+    """Overlapping ``(x0, y0, x1, y1)`` pixel windows covering a ``height`` x ``width`` frame, row by row.
+
+    Args:
+        height (int): Frame height in pixels.
+        width (int): Frame width in pixels.
+        tile (int): Window side in pixels; a frame side shorter than ``tile`` gives one window spanning that side.
+        overlap (float): Fraction of ``tile`` shared by neighbouring windows, in [0, 1).
+
+    Returns:
+        (list[tuple[int, int, int, int]]): Windows inside the frame, no duplicates; the last row/column ends on the
+            border, so it may overlap its neighbour by more than ``overlap``.
+    """
+    if tile < 1 or not 0 <= overlap < 1 or height < 1 or width < 1:
+        raise ValueError(f"need tile >= 1, 0 <= overlap < 1 and a non-empty frame; got {tile=}, {overlap=}, "
+                         f"frame {height}x{width}")
+    step = max(1, tile - round(overlap * tile))
+    th, tw = min(tile, height), min(tile, width)
+    return [(x, y, x + tw, y + th) for y in _starts(height, tile, step) for x in _starts(width, tile, step)]
+
+
+def _starts(size: int, tile: int, step: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    return [*range(0, size - tile, step), size - tile]
+
+
+def sliced_predict(model, source, *, tile: int = 640, overlap: float = 0.2, full_frame: bool = True,
+                   imgsz: int = 640, conf: float = 0.25, iou: float = 0.5, merge: str = "nms", merge_iou: float = 0.5,
+                   agnostic: bool = False, max_det: int = 1000, batch: int = 4, device="cpu") -> list:
+    """Detect on overlapping tiles of each image (plus, optionally, the whole frame) and merge the detections.
+
+    Args:
+        model: A ``.pt`` checkpoint or model YAML path, a ``YOLO``, or a ``DetectionModel``.
+        source: An image path, folder, BGR array, or a list of those (see ``common.read_images``).
+        tile (int): Tile side in pixels; tiles are fed at native resolution.
+        overlap (float): Fraction of ``tile`` shared by neighbouring tiles.
+        full_frame (bool): Also detect on the whole frame letterboxed to ``imgsz`` (SAHI's "standard prediction"),
+            which recovers objects larger than a tile.
+        imgsz (int): Long side of the full-frame pass.
+        conf (float): Confidence threshold of every pass.
+        iou (float): IoU threshold of the per-pass NMS.
+        merge (str): ``"nms"`` or ``"nmm"`` (greedy non-maximum merging), applied across tiles and the full frame.
+        merge_iou (float): Overlap threshold of ``merge`` (IoU for NMS, intersection over smaller box for NMM).
+        agnostic (bool): Class-agnostic NMS and merging.
+        max_det (int): Maximum detections per pass and per image.
+        batch (int): Tiles per forward pass.
+        device: Torch device.
+
+    Returns:
+        (list[Results]): One per image, boxes in original-image pixels; ``speed`` holds ms per stage ("preprocess",
+            "inference", "postprocess") summed over the passes, ``n_tiles`` the number of tiles (full frame excluded;
+            like ``speed``, it is not carried over by ``Results.cpu()``/``.numpy()``).
+    """
+    if merge not in common.MERGERS:
+        raise ValueError(f"unknown merge {merge!r}; choose one of {sorted(common.MERGERS)}")
+    model = common.load_model(model, device)
+    opts = dict(conf=conf, iou=iou, agnostic=agnostic, max_det=max_det, device=device)
+    out = []
+    for path, img in common.read_images(source):
+        speed = dict(preprocess=0.0, inference=0.0, postprocess=0.0)
+        windows = tile_windows(*img.shape[:2], tile=tile, overlap=overlap)
+        det = [d for chunk in _chunks(windows, batch) for d in _detect_tiles(model, img, chunk, speed, **opts)]
+        if full_frame and len(windows) > 1:
+            det.append(_detect_frame(model, img, imgsz, speed, **opts))
+        t = time.perf_counter()
+        det = common.merge(torch.cat(det), merge, iou=merge_iou, agnostic=agnostic, max_det=max_det)
+        speed["postprocess"] += _ms(t)
+        res = common.to_results(det, img, path, model.names, speed=speed)
+        res.n_tiles = len(windows)
+        out.append(res)
+    return out
+
+
+def _chunks(windows: list[Window], size: int) -> list[list[Window]]:
+    """Consecutive runs of at most ``size`` windows of equal shape (one letterboxed shape per forward pass)."""
+    chunks = []
+    for w in windows:
+        last = chunks[-1] if chunks else None
+        if last and len(last) < size and _shape(last[0]) == _shape(w):
+            last.append(w)
+        else:
+            chunks.append([w])
+    return chunks
+
+
+def _shape(w: Window) -> tuple[int, int]:
+    return w[3] - w[1], w[2] - w[0]
+
+
+def _detect_tiles(model, img: np.ndarray, windows: list[Window], speed: dict, device, **nms) -> list[torch.Tensor]:
+    """``(N, 6)`` detections of each tile in ``windows``, in frame pixels."""
+    t = time.perf_counter()
+    stride = common.model_stride(model)
+    x = torch.cat([common.letterbox(img[y0:y1, x0:x1], None, stride, device) for x0, y0, x1, y1 in windows])
+    speed["preprocess"] += _ms(t)
+    dets = _infer(model, x, speed, **nms)
+    t = time.perf_counter()
+    for (x0, y0, x1, y1), d in zip(windows, dets):
+        d[:, :4] = _scale(x, d[:, :4], (y1 - y0, x1 - x0)) + torch.tensor([x0, y0, x0, y0], dtype=d.dtype)
+    speed["postprocess"] += _ms(t)
+    return dets
+
+
+def _detect_frame(model, img: np.ndarray, imgsz: int, speed: dict, device, **nms) -> torch.Tensor:
+    """``(N, 6)`` detections of the whole frame letterboxed to ``imgsz``, in frame pixels."""
+    t = time.perf_counter()
+    x = common.letterbox(img, imgsz, common.model_stride(model), device)
+    speed["preprocess"] += _ms(t)
+    (d,) = _infer(model, x, speed, **nms)
+    t = time.perf_counter()
+    d[:, :4] = _scale(x, d[:, :4], img.shape[:2])
+    speed["postprocess"] += _ms(t)
+    return d
+
+
+def _infer(model, x: torch.Tensor, speed: dict, conf: float, iou: float, agnostic: bool, max_det: int):
+    """Forward pass and per-image Ultralytics NMS: a list of ``(N, 6)`` tensors in ``x``'s pixels."""
+    from ultralytics.utils.nms import non_max_suppression
+
+    t = time.perf_counter()
+    with torch.no_grad():
+        y = model(x)
+    y = y[0] if isinstance(y, (tuple, list)) else y  # eval forward: (y, raw head outputs)
+    speed["inference"] += _ms(t)
+    t = time.perf_counter()
+    dets = non_max_suppression(y, conf, iou, agnostic=agnostic, max_det=max_det, max_time_img=1e6)
+    speed["postprocess"] += _ms(t)
+    return [d.float().cpu() for d in dets]
+
+
+def _scale(x: torch.Tensor, boxes: torch.Tensor, shape) -> torch.Tensor:
+    from ultralytics.utils import ops
+
+    return ops.scale_boxes(tuple(x.shape[2:]), boxes, tuple(shape))
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000
