@@ -9,7 +9,7 @@ size, sorted by name). Every mode runs the same so-det-esod model at the frame's
   (``heatmap_target`` of the GT boxes: isolates the slicing machinery), (b) the model's own seeker.
 - sliced: 640 px tiles, 20 % overlap, plus a 640 full-frame pass, NMS merge (so_det_ultra.highres.sliced).
 
-Reported per mode: median latency per frame, GFLOPs per frame (every op actually run, counted by
+Reported per mode: mean latency per frame (over all frames and timed rounds; ratios are ratios of these means), GFLOPs per frame (every op actually run, counted by
 so_det_ultra.utils.flops.FlopCounter around the whole predictor), patches or tiles (+1 full-frame pass) per frame, GT coverage (share of GT objects >= 4 px whose centre lies in a kept patch core: the ceiling sparse
 recall can reach relative to dense) and detection recall (IoU 0.5, objects >= 4 px, conf >= --conf).
 
@@ -179,25 +179,28 @@ def bench(a):
     sparse_modes = {"sparse-oracle": dict(oracle=True), "sparse-oracle+head": dict(oracle=True, sparse_head=True),
                     "sparse-seeker": dict(oracle=False), "sparse-seeker+head": dict(oracle=False, sparse_head=True)}
     sparse_modes.update({f"sparse-oracle p{k}": dict(oracle=True, patch=k) for k in a.patch_sweep})
+    sparse_modes["sparse-oracle margin 0"] = dict(oracle=True, margin=0)
     modes = ("dense", *sparse_modes, "sliced")
-    rows = {m: {"ms": [], "found": 0, "total": 0, "cov": 0, "covn": 0, "units": [], "gflops": []} for m in modes}
+    rows = {m: {"ms": [], "found": 0, "total": 0, "cov": 0, "covn": 0, "units": [], "gflops": [], "parts": []}
+            for m in modes}
     oracle = oracle_heatmap(gts)
 
     def run(mode, n, img):
         if mode == "dense":
             x = common.letterbox(img, None, sm.stride)
             with torch.no_grad():  # not inference_mode: FlopCounter does not see convs under it
-                det = non_max_suppression(model(x)[0], a.conf, 0.7, max_det=1000, max_time_img=60)[0]
+                det = non_max_suppression(model(x)[0], a.conf, 0.7, max_det=a.max_det, max_time_img=60)[0]
             return common.to_results(det, img, str(frames[n]), model.names, tuple(x.shape[2:])), 1
         if mode == "sliced":
-            res = sliced_predict(model, img, tile=640, overlap=0.2, imgsz=640, conf=a.conf)[0]
+            res = sliced_predict(model, img, tile=640, overlap=0.2, imgsz=640, conf=a.conf, max_det=a.max_det)[0]
             return res, res.n_tiles + 1
         opt = dict(sparse_modes[mode])
         if opt.pop("oracle"):
             heat, thr = (lambda k, path, hw, cells: oracle(n, img.shape[:2], hw, cells)), a.thr
         else:
             heat, thr = None, a.seeker_thr
-        res = sparse_predict(sm, img, heatmap=heat, conf=a.conf, thr=thr, margin=a.margin, **opt)[0]
+        opt.setdefault("margin", a.margin)
+        res = sparse_predict(sm, img, heatmap=heat, conf=a.conf, thr=thr, max_det=a.max_det, **opt)[0]
         return res, len(res.patches)
 
     for n, img in enumerate(images):  # untimed pass: FLOPs, recall, coverage (and warm-up)
@@ -217,8 +220,9 @@ def bench(a):
         for n, img in enumerate(images):
             for mode in modes:
                 t0 = time.perf_counter()
-                run(mode, n, img)
+                res, _ = run(mode, n, img)
                 rows[mode]["ms"].append((time.perf_counter() - t0) * 1000)
+                rows[mode]["parts"].append(getattr(res, "speed", {}))
     report(rows, a)
 
 
@@ -252,18 +256,23 @@ def head(a):
 
 
 def report(rows, a):
-    dense = statistics.median(rows["dense"]["ms"])
-    print(f"\n| mode | median ms/frame | x dense | GFLOPs/frame | patches or tiles/frame | GT coverage | recall@0.5 |")
+    dense = statistics.mean(rows["dense"]["ms"])
+    print(f"\n| mode | mean ms/frame | x dense | GFLOPs/frame | patches or tiles/frame | GT coverage | recall@0.5 |")
     print("|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
-        ms = statistics.median(r["ms"])
+        ms = statistics.mean(r["ms"])
         cov = f"{100 * r['cov'] / max(r['covn'], 1):.1f} %" if mode.startswith("sparse") else "100 %"
         units = f"{statistics.mean(r['units']):.1f} (min {min(r['units'])}, max {max(r['units'])})"
         print(f"| {mode} | {ms:.0f} | {dense / ms:.2f}x | {statistics.mean(r['gflops']):.1f} | {units} | {cov} | "
               f"{100 * r['found'] / max(r['total'], 1):.1f} % ({r['found']}/{r['total']}) |")
-    sliced = statistics.median(rows["sliced"]["ms"])
+    print("\nwhere sparse time goes (mean ms per frame):")
+    for mode, r in rows.items():
+        if mode.startswith("sparse"):
+            keys = ("preprocess", "stem", "select", "patches", "postprocess")
+            print(f"  {mode}: " + ", ".join(f"{k} {statistics.mean(p[k] for p in r['parts']):.0f}" for k in keys))
+    sliced = statistics.mean(rows["sliced"]["ms"])
     for m in [k for k in rows if k.startswith("sparse")]:
-        ms = statistics.median(rows[m]["ms"])
+        ms = statistics.mean(rows[m]["ms"])
         print(f"{m}: {dense / ms:.2f}x faster than dense (goal >= 3x), {sliced / ms:.2f}x faster than sliced "
               f"(goal >= 5x), recall {100 * (rows[m]['found'] / max(rows[m]['total'], 1) - rows['dense']['found'] / max(rows['dense']['total'], 1)):+.1f} points vs dense (goal >= -2)")
 
@@ -285,7 +294,8 @@ def main(argv=None):
     b.add_argument("--weights", help="trained so-det-esod checkpoint (default: untrained --model)")
     b.add_argument("--frames", type=int, default=4, help="held-out frames per size (1920x1080, 2000x1500)")
     b.add_argument("--rounds", type=int, default=2, help="timed rounds over all frames (after one warm-up round)")
-    b.add_argument("--conf", type=float, default=0.05)
+    b.add_argument("--conf", type=float, default=0.01)
+    b.add_argument("--max-det", type=int, default=5000, help="high, so the cap does not decide recall")
     b.add_argument("--thr", type=float, default=0.5, help="heatmap threshold with the oracle heatmap")
     b.add_argument("--seeker-thr", type=float, default=0.5, help="heatmap threshold with the model's seeker")
     b.add_argument("--patch-sweep", type=int, nargs="*", default=[16], help="extra oracle runs at these patch sizes")
