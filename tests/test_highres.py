@@ -8,9 +8,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
-from conftest import FAST, clean_env, run, yolo
+from conftest import BIN, FAST, clean_env, run, yolo
 from so_det_ultra.highres import SparseModel, make_patches, select_patches, sparse_predict
 from so_det_ultra.losses.esod import ESODLoss, heatmap_target
 from so_det_ultra.nn.esod import ObjectSeeker
@@ -78,7 +79,7 @@ def _batch(model_imgsz=64):
 
 def test_esod_loss_adds_seek_term_with_gradients():
     model = DetectionModel("so-det-esod-n.yaml", nc=3, verbose=False)
-    model.args = __import__("ultralytics").cfg.get_cfg()
+    model.args = get_cfg()
     batch = _batch()
     assert isinstance(model.init_criterion(), ESODLoss), "the YAML's loss: key selects ESODLoss"
     loss, items = model.loss(batch)
@@ -93,7 +94,7 @@ def test_esod_loss_adds_seek_term_with_gradients():
 
 def test_esod_loss_needs_a_seeker():
     model = DetectionModel("so-det-n.yaml", nc=3, verbose=False)
-    model.args = __import__("ultralytics").cfg.get_cfg()
+    model.args = get_cfg()
     with pytest.raises(ValueError, match="exactly one ObjectSeeker"):
         ESODLoss(model)
 
@@ -217,9 +218,8 @@ def test_esod_trains_with_stock_cli_and_predicts_sparse(tiny_data, workdir, tmp_
     assert "train/seek_loss" in header and "val/seek_loss" in header
     best = tmp_path / "t" / "weights" / "best.pt"
     image = next((tiny_data.parent / "images" / "val").glob("*.png"))
-    bin_dir = __import__("conftest").BIN
     for mode in ("sparse", "sliced", "dense"):
-        res = run([bin_dir / "so-det", "predict", "--model", best, "--source", image, "--mode", mode, "--conf", "0.001",
+        res = run([BIN / "so-det", "predict", "--model", best, "--source", image, "--mode", mode, "--conf", "0.001",
                    "--tile", "32", "--save-dir", tmp_path / mode, "--save-txt"], cwd=workdir,
                   env=clean_env(ULTRALYTICS_SAFE_LOAD="1"))
         assert "saved 1 image(s)" in res.stdout

@@ -85,7 +85,8 @@ def run(a) -> int:
             r.save_txt(str(out / "labels" / (Path(name).stem + ".txt")), save_conf=True)
         extra = f", {len(r.patches)} patches" if hasattr(r, "patches") else ""
         extra += f", {r.n_tiles} tiles + full frame" if hasattr(r, "n_tiles") else ""
-        print(f"{r.path}: {len(r.boxes)} boxes{extra}, {sum(r.speed.get(k, 0) for k in ('preprocess', 'inference', 'postprocess')):.0f} ms")
+        ms = sum(r.speed.get(k, 0) for k in ("preprocess", "inference", "postprocess"))
+        print(f"{r.path}: {len(r.boxes)} boxes{extra}, {ms:.0f} ms")
     print(f"saved {len(results)} image(s) to {out}")
     return 0
 

@@ -30,10 +30,7 @@ def load_model(model, device="cpu", fuse: bool = True):
     if hasattr(model, "predictor") and hasattr(model, "model"):  # a YOLO wrapper
         model = model.model
     model = model.to(device).float().eval()
-    if fuse and hasattr(model, "fuse") and not getattr(model, "_so_det_fused", False):
-        model = model.fuse(verbose=False)
-        model._so_det_fused = True
-    return model
+    return model.fuse(verbose=False) if fuse and hasattr(model, "fuse") else model  # fuse() skips fused models
 
 
 def read_images(source) -> list[tuple[str, np.ndarray]]:

@@ -97,9 +97,9 @@ class SparseModel:
 
     def _crop(self, t, image_hw, patches):
         s = image_hw[0] // t.shape[2]
-        f = 8 // s if s <= 8 else None
-        if f is None:
+        if s > 8:
             raise ValueError(f"stem output with stride {s} > 8 cannot be cropped at 8-px patch cells")
+        f = 8 // s
         return torch.cat([t[..., p.crop[0] * f:p.crop[2] * f, p.crop[1] * f:p.crop[3] * f] for p in patches])
 
     @staticmethod

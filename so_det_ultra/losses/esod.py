@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from ultralytics.utils.loss import v8DetectionLoss
+from ultralytics.utils.ops import xywh2xyxy
 
 from so_det_ultra.registry import register_loss
 
@@ -129,16 +130,12 @@ class ESODLoss(v8DetectionLoss):
 
     def targets(self, batch, bs, shape, stride, imgsz):
         scale = imgsz[[1, 0, 1, 0]].float()
-        boxes = _xywh2xyxy(batch["bboxes"].to(self.device).float()) * scale
+        boxes = xywh2xyxy(batch["bboxes"].to(self.device).float()) * scale
         idx = batch["batch_idx"].to(self.device).long().view(-1)
         ignores = batch.get("ignore")
         out = [heatmap_target(boxes[idx == i], shape, stride,
-                              _xywh2xyxy(ignores[i].to(self.device).float()) * scale if ignores is not None else None)
+                              xywh2xyxy(ignores[i].to(self.device).float()) * scale if ignores is not None else None)
                for i in range(bs)]
         target = torch.stack([t for t, _ in out])[:, None]
         weight = torch.stack([w for _, w in out])[:, None]
         return target, weight
-
-
-def _xywh2xyxy(b: torch.Tensor) -> torch.Tensor:
-    return torch.cat((b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2), -1)
