@@ -17,8 +17,15 @@ import time
 
 import torch
 
-DEFAULT = ["so-det-rtdetr-s.yaml", "so-det-rtdetr-s.yaml:nq=300", "so-det-rtdetr-l.yaml", "so-det-rtdetr-l.yaml:nq=300",
-           "so-det-rtdetr-x.yaml", "rtdetr-l.yaml", "rtdetr-bs.yaml"]
+DEFAULT = [
+    "so-det-rtdetr-s.yaml",
+    "so-det-rtdetr-s.yaml:nq=300",
+    "so-det-rtdetr-l.yaml",
+    "so-det-rtdetr-l.yaml:nq=300",
+    "so-det-rtdetr-x.yaml",
+    "rtdetr-l.yaml",
+    "rtdetr-bs.yaml",
+]
 
 
 def build(spec: str, nc: int):
@@ -64,8 +71,11 @@ def main():
     for k, m in models.items():
         ms = statistics.median(times[k])
         params = sum(p.numel() for p in m.parameters()) / 1e6
-        print(f"| {k} | {params:.2f} | {get_flops(m, args.imgsz):.1f} | {ms:.0f} | "
-              f"{ms / ref:.2f} |" if ref else f"| {k} | {params:.2f} | {get_flops(m, args.imgsz):.1f} | {ms:.0f} | - |")
+        print(
+            f"| {k} | {params:.2f} | {get_flops(m, args.imgsz):.1f} | {ms:.0f} | {ms / ref:.2f} |"
+            if ref
+            else f"| {k} | {params:.2f} | {get_flops(m, args.imgsz):.1f} | {ms:.0f} | - |"
+        )
 
 
 if __name__ == "__main__":

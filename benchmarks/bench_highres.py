@@ -91,8 +91,11 @@ def make_crops(paths, sample: Path, out: Path, tile: int = 640, max_crops: int =
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out / "images" / split / f"{name}.jpg"), cv2.imread(str(p))[y0:y1, x0:x1])
         cw, ch = x1 - x0, y1 - y0
-        lines = [f"{int(c)} {(q[0] + q[2]) / 2 / cw:.6f} {(q[1] + q[3]) / 2 / ch:.6f} {(q[2] - q[0]) / cw:.6f} "
-                 f"{(q[3] - q[1]) / ch:.6f}" for c, q in zip(cls, b)]
+        lines = [
+            f"{int(c)} {(q[0] + q[2]) / 2 / cw:.6f} {(q[1] + q[3]) / 2 / ch:.6f} {(q[2] - q[0]) / cw:.6f} "
+            f"{(q[3] - q[1]) / ch:.6f}"
+            for c, q in zip(cls, b)
+        ]
         (out / "labels" / split / f"{name}.txt").write_text("\n".join(lines) + "\n")
     data = out / "data.yaml"
     data.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: images/val\nnames: {dict(enumerate(NAMES))}\n")
@@ -105,9 +108,20 @@ def train(a):
     held, rest = split_frames(Path(a.sample))
     data = make_crops(rest, Path(a.sample), Path(a.out) / "crops", tile=a.tile, max_crops=a.max_crops)
     print(f"{len(rest)} training images -> crops in {data.parent}; {len(held)} held-out frames for the benchmark")
-    YOLO(a.model).train(data=str(data), epochs=a.epochs, imgsz=a.tile, batch=a.batch, workers=2, device="cpu",
-                        project=str(Path(a.out).resolve()), name="train", exist_ok=True, plots=False, mosaic=0.5,
-                        close_mosaic=0)
+    YOLO(a.model).train(
+        data=str(data),
+        epochs=a.epochs,
+        imgsz=a.tile,
+        batch=a.batch,
+        workers=2,
+        device="cpu",
+        project=str(Path(a.out).resolve()),
+        name="train",
+        exist_ok=True,
+        plots=False,
+        mosaic=0.5,
+        close_mosaic=0,
+    )
 
 
 # --- measurement ------------------------------------------------------------------------------------------------------
@@ -173,16 +187,24 @@ def bench(a):
     sm = SparseModel(model)
     images = [cv2.imread(str(p)) for p in frames]
     gts = [ground_truth(p.stem, sample, im.shape[1], im.shape[0]) for p, im in zip(frames, images)]
-    print(f"model {a.weights or a.model}: {sum(p.numel() for p in model.parameters()):,} params; "
-          f"{len(frames)} frames {sorted({im.shape[:2] for im in images})}; torch threads {a.threads}")
+    print(
+        f"model {a.weights or a.model}: {sum(p.numel() for p in model.parameters()):,} params; "
+        f"{len(frames)} frames {sorted({im.shape[:2] for im in images})}; torch threads {a.threads}"
+    )
 
-    sparse_modes = {"sparse-oracle": dict(oracle=True), "sparse-oracle+head": dict(oracle=True, sparse_head=True),
-                    "sparse-seeker": dict(oracle=False), "sparse-seeker+head": dict(oracle=False, sparse_head=True)}
+    sparse_modes = {
+        "sparse-oracle": dict(oracle=True),
+        "sparse-oracle+head": dict(oracle=True, sparse_head=True),
+        "sparse-seeker": dict(oracle=False),
+        "sparse-seeker+head": dict(oracle=False, sparse_head=True),
+    }
     sparse_modes.update({f"sparse-oracle p{k}": dict(oracle=True, patch=k) for k in a.patch_sweep})
     sparse_modes["sparse-oracle margin 0"] = dict(oracle=True, margin=0)
     modes = ("dense", *sparse_modes, "sliced")
-    rows = {m: {"ms": [], "found": 0, "total": 0, "cov": 0, "covn": 0, "units": [], "gflops": [], "parts": []}
-            for m in modes}
+    rows = {
+        m: {"ms": [], "found": 0, "total": 0, "cov": 0, "covn": 0, "units": [], "gflops": [], "parts": []}
+        for m in modes
+    }
     oracle = oracle_heatmap(gts)
 
     def run(mode, n, img):
@@ -251,20 +273,24 @@ def head(a):
                 for _ in range(a.rounds):
                     fn()
             ms[name] = (time.perf_counter() - t0) / a.rounds * 1000
-        print(f"| {100 * m8.float().mean():.0f} % | {ms['dense']:.0f} | {ms['sparse']:.0f} | "
-              f"{ms['dense'] / ms['sparse']:.2f}x |")
+        print(
+            f"| {100 * m8.float().mean():.0f} % | {ms['dense']:.0f} | {ms['sparse']:.0f} | "
+            f"{ms['dense'] / ms['sparse']:.2f}x |"
+        )
 
 
 def report(rows, a):
     dense = statistics.mean(rows["dense"]["ms"])
-    print(f"\n| mode | mean ms/frame | x dense | GFLOPs/frame | patches or tiles/frame | GT coverage | recall@0.5 |")
+    print("\n| mode | mean ms/frame | x dense | GFLOPs/frame | patches or tiles/frame | GT coverage | recall@0.5 |")
     print("|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
         ms = statistics.mean(r["ms"])
         cov = f"{100 * r['cov'] / max(r['covn'], 1):.1f} %" if mode.startswith("sparse") else "100 %"
         units = f"{statistics.mean(r['units']):.1f} (min {min(r['units'])}, max {max(r['units'])})"
-        print(f"| {mode} | {ms:.0f} | {dense / ms:.2f}x | {statistics.mean(r['gflops']):.1f} | {units} | {cov} | "
-              f"{100 * r['found'] / max(r['total'], 1):.1f} % ({r['found']}/{r['total']}) |")
+        print(
+            f"| {mode} | {ms:.0f} | {dense / ms:.2f}x | {statistics.mean(r['gflops']):.1f} | {units} | {cov} | "
+            f"{100 * r['found'] / max(r['total'], 1):.1f} % ({r['found']}/{r['total']}) |"
+        )
     print("\nwhere sparse time goes (mean ms per frame):")
     for mode, r in rows.items():
         if mode.startswith("sparse"):
@@ -273,8 +299,10 @@ def report(rows, a):
     sliced = statistics.mean(rows["sliced"]["ms"])
     for m in [k for k in rows if k.startswith("sparse")]:
         ms = statistics.mean(rows[m]["ms"])
-        print(f"{m}: {dense / ms:.2f}x faster than dense (goal >= 3x), {sliced / ms:.2f}x faster than sliced "
-              f"(goal >= 5x), recall {100 * (rows[m]['found'] / max(rows[m]['total'], 1) - rows['dense']['found'] / max(rows['dense']['total'], 1)):+.1f} points vs dense (goal >= -2)")
+        print(
+            f"{m}: {dense / ms:.2f}x faster than dense (goal >= 3x), {sliced / ms:.2f}x faster than sliced "
+            f"(goal >= 5x), recall {100 * (rows[m]['found'] / max(rows[m]['total'], 1) - rows['dense']['found'] / max(rows['dense']['total'], 1)):+.1f} points vs dense (goal >= -2)"
+        )
 
 
 def main(argv=None):

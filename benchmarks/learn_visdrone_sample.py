@@ -44,7 +44,9 @@ def convert(sample: Path, out: Path) -> Path:
                 continue
             x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
             if x1 > x0 and y1 > y0:
-                rows.append(f"{cat - 1} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}")
+                rows.append(
+                    f"{cat - 1} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}"
+                )
         (out / "labels" / split / f"{stem}.txt").write_text("\n".join(rows) + "\n")
     data = out / "data.yaml"
     data.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: images/val\nnames: {dict(enumerate(NAMES))}\n")
@@ -70,13 +72,30 @@ def main(argv=None):
     for name in a.models:
         t0 = time.time()
         model = YOLO(name)
-        model.train(data=str(data), epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, workers=a.workers, device="cpu",
-                    seed=0, deterministic=True, plots=False, project=str(out), name=Path(name).stem, exist_ok=True,
-                    pretrained=False, amp=False)
-        m = YOLO(str(out / Path(name).stem / "weights" / "best.pt")).val(data=str(data), imgsz=a.imgsz, batch=a.batch,
-                                                                         device="cpu", plots=False, verbose=False)
-        rows[Path(name).stem] = {"mAP50": float(m.box.map50), "mAP50-95": float(m.box.map),
-                                 "minutes": (time.time() - t0) / 60}
+        model.train(
+            data=str(data),
+            epochs=a.epochs,
+            imgsz=a.imgsz,
+            batch=a.batch,
+            workers=a.workers,
+            device="cpu",
+            seed=0,
+            deterministic=True,
+            plots=False,
+            project=str(out),
+            name=Path(name).stem,
+            exist_ok=True,
+            pretrained=False,
+            amp=False,
+        )
+        m = YOLO(str(out / Path(name).stem / "weights" / "best.pt")).val(
+            data=str(data), imgsz=a.imgsz, batch=a.batch, device="cpu", plots=False, verbose=False
+        )
+        rows[Path(name).stem] = {
+            "mAP50": float(m.box.map50),
+            "mAP50-95": float(m.box.map),
+            "minutes": (time.time() - t0) / 60,
+        }
         print(rows[Path(name).stem], flush=True)
     print(f"\n{a.epochs} epochs, imgsz {a.imgsz}, batch {a.batch}, from scratch, CPU; held-out: every 5th image\n")
     print("| model | mAP50 | mAP50-95 | train+val minutes |\n|---|---|---|---|")

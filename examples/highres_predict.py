@@ -18,8 +18,11 @@ from so_det_ultra.highres import SparseModel, sliced_predict, sparse_predict
 
 weights = sys.argv[1] if len(sys.argv) > 1 else "so-det-esod-s.yaml"
 sample = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "visdrone-sample" / "images"
-image = sys.argv[2] if len(sys.argv) > 2 else next(p for p in sorted(sample.glob("*.jpg"))
-                                                    if cv2.imread(str(p)).shape[:2] == (1080, 1920))
+image = (
+    sys.argv[2]
+    if len(sys.argv) > 2
+    else next(p for p in sorted(sample.glob("*.jpg")) if cv2.imread(str(p)).shape[:2] == (1080, 1920))
+)
 img = cv2.imread(str(image))
 
 sparse_model = SparseModel(weights)  # split once at the ObjectSeeker, reuse for every frame

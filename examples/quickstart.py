@@ -1,6 +1,6 @@
 """Build, train briefly, validate and export SO-Det on a synthetic tiny-object dataset (CPU, ~1 minute).
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import tempfile

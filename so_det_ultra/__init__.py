@@ -5,6 +5,9 @@ Ultralytics the moment ``ultralytics.nn.tasks`` is imported, or at once if it al
 this in every Python process through ``so_det_ultra_autoload.pth``; set ``SO_DET_ULTRA_AUTOLOAD=0`` to switch that
 off, after which ``import so_det_ultra`` (before or after Ultralytics) turns it back on for that process.
 
+Every change the plugin makes to Ultralytics is recorded in ``so_det_ultra.integration.PATCHES``;
+:func:`uninstall` reverts them all and :func:`register` applies them again.
+
 Examples:
     >>> import so_det_ultra  # noqa: F401  (optional when installed: auto-loaded)
     >>> from ultralytics import YOLO
@@ -14,7 +17,7 @@ Examples:
 from so_det_ultra._bootstrap import ensure_registered
 
 __version__ = "0.1.0"
-__all__ = ("__version__", "register")
+__all__ = ("__version__", "register", "uninstall")
 
 ensure_registered()
 
@@ -26,3 +29,14 @@ def register():
     from so_det_ultra.integration import install
 
     install(strict=True)
+
+
+def uninstall():
+    """Undo every change the registration made to Ultralytics (and torch's allow-list); :func:`register` redoes it.
+
+    Afterwards each patched function, method, global, callback list and the safe-globals set is exactly what it was
+    before; models, trainers and validators created in between keep what they copied (criterion, callbacks).
+    """
+    from so_det_ultra.integration import uninstall as _uninstall
+
+    _uninstall()

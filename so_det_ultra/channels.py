@@ -17,12 +17,6 @@ def scaled(spec: LayerSpec):
     return c2, [c1, c2, *spec.args[1:]], spec.n
 
 
-def scaled_repeat(spec: LayerSpec):
-    """Stacked-block ``(c1, c2, n, *rest)``: like :func:`scaled`, with the depth-scaled repeat passed as ``n``."""
-    c2, args, _ = scaled(spec)
-    return c2, [args[0], c2, spec.n, *args[2:]], 1
-
-
 def same(spec: LayerSpec):
     """Channel-preserving single-input layer ``(channels, *rest)`` (attention layers)."""
     c = spec.c_in()

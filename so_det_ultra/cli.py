@@ -1,24 +1,34 @@
 """The ``so-det`` command: ``so-det <command> ...``; every command has ``--help``.
 
-Each command lives in its own module, which provides ``add_parser(subparsers)`` that adds one sub-parser and sets
-``func`` (called with the parsed arguments, returning an exit code). Add new command modules to :data:`COMMANDS`.
+Each package with commands has a ``cli.py`` exposing ``add_parser(subparsers)``, which adds its sub-parser(s) and
+sets ``func`` (called with the parsed arguments, returning an exit code). :data:`COMMANDS` lists those modules as
+objects, in the order ``so-det --help`` shows them.
+
+Adding a command (e.g. ``so-det demo``): write ``so_det_ultra/<package>/cli.py`` with ``add_parser(subparsers)`` and
+add one line to the imports below, ``from so_det_ultra.<package> import cli as <package>_cli``, naming it in
+:data:`COMMANDS`. Keep command modules cheap to import -- argparse and :mod:`so_det_ultra.cliargs` at module level,
+everything heavy (torch, Ultralytics, OpenCV) inside the command function -- so ``so-det --help`` stays fast and
+``python -c "import so_det_ultra"`` loads no torch. Option defaults live in the library functions' signatures and
+are read from there (:mod:`so_det_ultra.cliargs`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-COMMANDS = ("so_det_ultra.data.synthetic_cli", "so_det_ultra.data.convert_cli", "so_det_ultra.metrics.cli",
-            "so_det_ultra.highres.cli")
+from so_det_ultra.data import cli as data_cli
+from so_det_ultra.highres import cli as highres_cli
+from so_det_ultra.metrics import cli as metrics_cli
+
+COMMANDS = (data_cli, metrics_cli, highres_cli)  # synthetic + convert, eval, predict
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="so-det", description="so-det-ultra: small-object detection tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for path in COMMANDS:
-        importlib.import_module(path).add_parser(sub)
+    for module in COMMANDS:
+        module.add_parser(sub)
     return parser
 
 

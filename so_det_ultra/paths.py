@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
@@ -12,13 +12,15 @@ SCALED_NAME = re.compile(r"^(?P<base>.+)-(?P<scale>[nsmlx])$")  # so-det-s, so-d
 ULTRALYTICS_SCALED = re.compile(r"(\d+)([nslmx])(.+)?$")  # yolov8n-sgdm -> yolov8-sgdm (Ultralytics' own rule)
 
 
-@lru_cache(maxsize=None)
+@cache
 def cfg_root() -> Path:
     """``so_det_ultra/cfg`` in an installed wheel, ``<repo>/cfg`` in a source checkout or editable install."""
     for root in (_PKG / "cfg", _PKG.parent / "cfg"):
         if (root / "models").is_dir():
             return root
-    raise FileNotFoundError(f"so-det-ultra's cfg/ folder is missing (looked in {_PKG / 'cfg'} and {_PKG.parent / 'cfg'})")
+    raise FileNotFoundError(
+        f"so-det-ultra's cfg/ folder is missing (looked in {_PKG / 'cfg'} and {_PKG.parent / 'cfg'})"
+    )
 
 
 def _names(folder: str) -> frozenset:
@@ -27,7 +29,11 @@ def _names(folder: str) -> frozenset:
 
 
 def model_cfg(name) -> Path | None:
-    """The shipped model YAML for a bare name: exact file, ``<family>-<scale>.yaml`` or Ultralytics-style ``yolov8n-x``."""
+    """The shipped model YAML for a bare name, else None.
+
+    Tried in order: the exact file, ``<family>-<scale>.yaml`` -> ``<family>.yaml``, and Ultralytics' own scale rule
+    (``yolov8n-sgdm.yaml`` -> ``yolov8-sgdm.yaml``).
+    """
     name = str(name)
     if os.sep in name or "/" in name or not name.endswith((".yaml", ".yml")):
         return None

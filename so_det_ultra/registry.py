@@ -14,7 +14,6 @@ parser, and this module never imports Ultralytics or torch.
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -73,7 +72,7 @@ class LayerSpec:
         return [self.ch[x] for x in self.f]
 
     def scale_channels(self, c: int) -> int:
-        """Apply ``width`` and ``max_channels`` as Ultralytics does for its own layers (rounded up to a multiple of 8)."""
+        """Apply ``width`` and ``max_channels`` as Ultralytics does for its layers (rounded up to a multiple of 8)."""
         return int(math.ceil(min(c, self.max_channels) * self.width / 8) * 8)
 
 
@@ -127,14 +126,15 @@ class Registry:
         for entry in list(self._entries.values()):
             fn(entry)
 
+    def unsubscribe(self, fn: Callable[[Entry], None]):
+        """Stop calling ``fn`` for new entries (no-op if it is not subscribed)."""
+        self._subscribers[:] = [f for f in self._subscribers if f is not fn]
+
     def __contains__(self, key) -> bool:
         return key in self._entries
 
     def names(self, layers_only: bool = True) -> list:
         return sorted(k for k, e in self._entries.items() if e.channels is not None or not layers_only)
-
-    def entries(self) -> list:
-        return list(self._entries.values())
 
     def get(self, key: str) -> Entry:
         try:
@@ -164,14 +164,6 @@ LOSSES = Registry("loss")
 def register_block(cls=None, *, name=None, channels=None):
     """Register a layer (or, with ``channels=None``, a non-layer class such as a loss) in :data:`BLOCKS`."""
     return BLOCKS.register(cls, name=name, channels=channels)
-
-
-def signature_of(cls) -> str:
-    """``Name(c1, c2, ...)`` of a registered class, for error messages and docs."""
-    try:
-        return f"{cls.__name__}{inspect.signature(cls)}"
-    except (TypeError, ValueError):
-        return cls.__name__
 
 
 def register_loss(cls=None, *, name=None):

@@ -64,8 +64,16 @@ def tiny_data(tmp_path_factory) -> Path:
     """data.yaml of an 8+4 image, 64 px, 3-class synthetic tiny-object dataset."""
     from so_det_ultra.data.synthetic import make_dataset
 
-    return make_dataset(tmp_path_factory.mktemp("tiny"), n_train=8, n_val=4, imgsz=64, nc=3, objects=(2, 6),
-                        size_range=(3.0, 14.0), seed=0)
+    return make_dataset(
+        tmp_path_factory.mktemp("tiny"),
+        n_train=8,
+        n_val=4,
+        imgsz=64,
+        nc=3,
+        objects=(2, 6),
+        size_range=(3.0, 14.0),
+        seed=0,
+    )
 
 
 @pytest.fixture

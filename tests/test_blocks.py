@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from so_det_ultra.nn import CDown, EAFusion, ECA, SWSConv, WeightedConcat, eca_kernel_size, simam, space_to_depth
+from so_det_ultra.nn import ECA, CDown, EAFusion, SWSConv, WeightedConcat, eca_kernel_size, simam, space_to_depth
 from so_det_ultra.nn.fusion import CGAPixelAttention
 
 
@@ -65,8 +65,11 @@ def _eafusion_by_formula(m, x, y):
     ca = m.ca.fc
     cattn = ca[2](torch.relu(ca[0](i.mean((2, 3), keepdim=True))))
     sa = m.sa.conv
-    sattn = F.conv2d(F.pad(torch.cat([i.mean(1, keepdim=True), i.amax(1, keepdim=True)], 1), (3,) * 4, mode="reflect"),
-                     sa.weight, sa.bias)
+    sattn = F.conv2d(
+        F.pad(torch.cat([i.mean(1, keepdim=True), i.amax(1, keepdim=True)], 1), (3,) * 4, mode="reflect"),
+        sa.weight,
+        sa.bias,
+    )
     p1 = sattn * cattn
     b, c, h, w = i.shape
     inter = torch.stack([i, p1], 2).reshape(b, 2 * c, h, w)  # (i_0, p1_0, i_1, p1_1, ...)

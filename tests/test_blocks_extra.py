@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import FAST, yolo
+
 from so_det_ultra.losses.dcloss import DCLoss, scale_weights
 from so_det_ultra.nn.efpn import CEM, FBSM
 from so_det_ultra.nn.mrae import MRAE, cosine_level_weights
@@ -27,7 +27,11 @@ def _all_params_get_gradients(m, *inputs):
     m.train()
     out = m(*inputs)
     out.square().mean().backward()
-    bad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    bad = [
+        n
+        for n, p in m.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+    ]
     assert not bad, f"no (finite, non-zero) gradient reached: {bad}"
 
 
@@ -55,8 +59,10 @@ def test_mrae_weights_are_softmax_of_cosines_and_output_is_weighted_sum(template
     torch.testing.assert_close(a, d.softmax(1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.sum(1), torch.ones(2))
     torch.testing.assert_close(d[:, template], torch.ones(2))  # D_t = 1
-    ref = sum(a[:, i, None, None, None] * F.interpolate(m.align[i](x), scale_factor=2**i, mode="nearest")
-              for i, x in enumerate(xs))
+    ref = sum(
+        a[:, i, None, None, None] * F.interpolate(m.align[i](x), scale_factor=2**i, mode="nearest")
+        for i, x in enumerate(xs)
+    )
     torch.testing.assert_close(m(xs), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -74,7 +80,9 @@ def test_mrae_gradients(mode):
     _all_params_get_gradients(MRAE([8, 12, 16], 10, mode=mode), _levels())
 
 
-@pytest.mark.parametrize("kwargs,match", [({"template": 3}, "template"), ({"mode": "hard"}, "mode"), ({"tau": 0}, "tau")])
+@pytest.mark.parametrize(
+    "kwargs,match", [({"template": 3}, "template"), ({"mode": "hard"}, "mode"), ({"tau": 0}, "tau")]
+)
 def test_mrae_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MRAE([8, 12, 16], 10, **kwargs)
@@ -212,8 +220,12 @@ def efpn_and_batch():
     n = 10
     wh = torch.rand(n, 2, generator=g) * 0.4 + 0.02  # tiny to large boxes
     xy = wh / 2 + torch.rand(n, 2, generator=g) * (1 - wh)
-    batch = {"img": torch.rand(2, 3, 64, 64, generator=g), "batch_idx": torch.tensor([0.0] * 5 + [1.0] * 5),
-             "cls": torch.randint(0, 3, (n, 1), generator=g).float(), "bboxes": torch.cat((xy, wh), 1)}
+    batch = {
+        "img": torch.rand(2, 3, 64, 64, generator=g),
+        "batch_idx": torch.tensor([0.0] * 5 + [1.0] * 5),
+        "cls": torch.randint(0, 3, (n, 1), generator=g).float(),
+        "bboxes": torch.cat((xy, wh), 1),
+    }
     return model, batch
 
 
@@ -277,14 +289,14 @@ def test_scales_reach_the_new_blocks(scale, c2):
 
 def test_max_channels_caps_the_new_blocks():
     # yolov8 x: width 1.25, max_channels 512: the P5 neck output (1024 in the YAML) is capped to 512 * 1.25 = 640
-    sgdms = [m for m in _layers("yolov8-sgdm", "x") if isinstance(m, SGDM)]
+    sgdms = [m for m in _layers("yolov8-sgdm-neck", "x") if isinstance(m, SGDM)]
     assert [m.rd.razor.conv.in_channels for m in sgdms] == [320, 640, 640]
 
 
 def test_yolov8_sgdm_resolves_ultralytics_style_name_and_adds_few_params():
     from ultralytics import YOLO
 
-    ours, stock = YOLO("yolov8n-sgdm.yaml").model, YOLO("yolov8n.yaml").model
+    ours, stock = YOLO("yolov8n-sgdm-neck.yaml").model, YOLO("yolov8n.yaml").model
     assert ours.yaml["scale"] == "n"
     assert sum(isinstance(m, SGDM) for m in ours.model) == 3
     delta = sum(p.numel() for p in ours.parameters()) - sum(p.numel() for p in stock.parameters())

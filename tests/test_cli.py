@@ -5,7 +5,6 @@ One model is trained once per test session (module fixture) and reused by the pr
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import zipfile
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import FAST, REPO, clean_env, python, run, yolo
 
 pytestmark = pytest.mark.cli
@@ -45,14 +43,19 @@ def test_autoload_costs_no_torch_at_startup(workdir):
 
 def test_autoload_off_really_off(workdir):
     """Negative control: with auto-loading off and no import, Ultralytics does not know our YAML names."""
-    code = "from ultralytics import YOLO\ntry:\n    YOLO('so-det-s.yaml')\nexcept FileNotFoundError:\n    print('NOT FOUND')"
+    code = (
+        "from ultralytics import YOLO\ntry:\n    YOLO('so-det-s.yaml')\nexcept FileNotFoundError:\n"
+        "    print('NOT FOUND')"
+    )
     assert "NOT FOUND" in python(code, cwd=workdir, env=clean_env(SO_DET_ULTRA_AUTOLOAD="0")).stdout
     code = "import so_det_ultra\nfrom ultralytics import YOLO\nprint(YOLO('so-det-s.yaml').model.yaml['scale'])"
     assert python(code, cwd=workdir, env=clean_env(SO_DET_ULTRA_AUTOLOAD="0")).stdout.strip().endswith("s")
 
 
 def test_python_api_builds_named_scale(workdir):
-    code = "from ultralytics import YOLO; m = YOLO('so-det-s.yaml'); print(sum(p.numel() for p in m.model.parameters()))"
+    code = (
+        "from ultralytics import YOLO; m = YOLO('so-det-s.yaml'); print(sum(p.numel() for p in m.model.parameters()))"
+    )
     assert python(code, cwd=workdir).stdout.strip().splitlines()[-1] == "1072440"
 
 
@@ -62,11 +65,30 @@ def test_yolo_train_wrote_checkpoint(trained):
 
 
 def test_yolo_predict_and_val(trained, image, tiny_data, workdir, tmp_path):
-    out = yolo("predict", f"model={trained}", f"source={image}", "imgsz=64", "device=cpu", f"project={tmp_path}",
-               "name=pred", "save=True", cwd=workdir)
+    out = yolo(
+        "predict",
+        f"model={trained}",
+        f"source={image}",
+        "imgsz=64",
+        "device=cpu",
+        f"project={tmp_path}",
+        "name=pred",
+        "save=True",
+        cwd=workdir,
+    )
     assert (tmp_path / "pred" / image.name.replace(".png", ".jpg")).exists() or any((tmp_path / "pred").iterdir())
-    out = yolo("val", f"model={trained}", f"data={tiny_data}", "imgsz=64", "batch=4", "device=cpu", "plots=False",
-               f"project={tmp_path}", "name=val", cwd=workdir)
+    out = yolo(
+        "val",
+        f"model={trained}",
+        f"data={tiny_data}",
+        "imgsz=64",
+        "batch=4",
+        "device=cpu",
+        "plots=False",
+        f"project={tmp_path}",
+        "name=val",
+        cwd=workdir,
+    )
     assert "mAP50-95" in out.stdout + out.stderr
 
 
@@ -82,8 +104,12 @@ print("OK", type(m.model.model[1]).__name__, len(r))
 
 @pytest.mark.parametrize(
     "pre,env",
-    [("", {}), ("import so_det_ultra", {"SO_DET_ULTRA_AUTOLOAD": "0"}),
-     ("", {"ULTRALYTICS_SAFE_LOAD": "1"}), ("import so_det_ultra", {"ULTRALYTICS_SAFE_LOAD": "1", "SO_DET_ULTRA_AUTOLOAD": "0"})],
+    [
+        ("", {}),
+        ("import so_det_ultra", {"SO_DET_ULTRA_AUTOLOAD": "0"}),
+        ("", {"ULTRALYTICS_SAFE_LOAD": "1"}),
+        ("import so_det_ultra", {"ULTRALYTICS_SAFE_LOAD": "1", "SO_DET_ULTRA_AUTOLOAD": "0"}),
+    ],
     ids=["autoload", "explicit-import", "safe-load", "safe-load-explicit"],
 )
 def test_checkpoint_reloads_in_fresh_process(trained, image, workdir, pre, env):
@@ -136,7 +162,7 @@ def _onnx_ops(path):
 
 
 def test_exported_graph_uses_only_documented_operators(trained, workdir, tmp_path):
-    """Every operator our blocks add beyond a stock yolo11 export is listed (with TensorRT support) in docs/export.md."""
+    """Every operator our blocks add beyond a stock yolo11 export is listed (TensorRT support too) in docs/export.md."""
     ckpt = tmp_path / "best.pt"
     shutil.copy(trained, ckpt)
     yolo("export", f"model={ckpt}", "format=onnx", "imgsz=64", cwd=workdir)
@@ -175,10 +201,18 @@ def test_ddp_worker_sees_registration(tiny_data, workdir, tmp_path, autoload):
     """Ultralytics' generated DDP script, launched through torch.distributed.run (1 CPU process), trains our model."""
     env = clean_env(SO_DET_ULTRA_AUTOLOAD=autoload)
     pre = "" if autoload == "1" else "import so_det_ultra\n"  # a user with auto-loading off imports us before training
-    script = python(pre + DDP_PREP.format(data=tiny_data, proj=tmp_path), cwd=workdir, env=env).stdout.strip().splitlines()[-1]
+    script = (
+        python(pre + DDP_PREP.format(data=tiny_data, proj=tmp_path), cwd=workdir, env=env)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     try:
-        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "0", script],
-            cwd=workdir, env=env, timeout=300)
+        run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "0", script],
+            cwd=workdir,
+            env=env,
+            timeout=300,
+        )
     finally:
         Path(script).unlink(missing_ok=True)
         Path(script).with_suffix(".pt").unlink(missing_ok=True)
@@ -200,8 +234,21 @@ def test_unsupported_ultralytics_version_is_one_clear_message(workdir):
 
 
 def test_wheel_ships_configs_and_autoload_hook(tmp_path):
-    run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-         "-q"], cwd=tmp_path)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            "-q",
+        ],
+        cwd=tmp_path,
+    )
     whl = next(tmp_path.glob("so_det_ultra-*.whl"))
     names = set(zipfile.ZipFile(whl).namelist())
     assert "so_det_ultra_autoload.pth" in names
@@ -241,6 +288,9 @@ def test_ddp_gloo_two_cpu_processes_sync_gradients(workdir):
     from ultralytics.utils.dist import find_free_network_port
 
     port = find_free_network_port()
-    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, script],
-              cwd=workdir, timeout=300).stdout
+    out = run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, script],
+        cwd=workdir,
+        timeout=300,
+    ).stdout
     assert out.count("SAME_GRAD True") == 2, out[-2000:]

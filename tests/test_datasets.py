@@ -16,11 +16,11 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from conftest import BIN, FAST, VISDRONE_SAMPLE, clean_env, run, yolo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BIN, FAST, VISDRONE_SAMPLE, clean_env, run, yolo
-from so_det_ultra.data import soda, visdrone
+from so_det_ultra.data import contract, soda, tiling, visdrone
 from so_det_ultra.data._summary import Summary
 
 needs_sample = pytest.mark.skipif(
@@ -91,8 +91,7 @@ def test_sample_labels_match_official_rows(converted):
         total += len(want)
     assert sum(summary.objects.values()) == total
     assert sum(summary.scales.values()) == total
-    assert summary.skipped["others (category 11)"] == sum(
-        1 for a in anns for r in official_rows(a) if r[5] == 11)
+    assert summary.skipped["others (category 11)"] == sum(1 for a in anns for r in official_rows(a) if r[5] == 11)
 
 
 @needs_sample
@@ -141,12 +140,21 @@ def test_mask_ignored_regions(tmp_path):
 W, H = 200, 100
 coord = st.integers(-50, 260)
 size = st.integers(-3, 120)
-valid_row = st.tuples(st.integers(0, W - 1), st.integers(0, H - 1), st.integers(1, 80), st.integers(1, 80),
-                      st.integers(0, 1), st.integers(0, 11), st.integers(0, 2), st.integers(0, 3))
+valid_row = st.tuples(
+    st.integers(0, W - 1),
+    st.integers(0, H - 1),
+    st.integers(1, 80),
+    st.integers(1, 80),
+    st.integers(0, 1),
+    st.integers(0, 11),
+    st.integers(0, 2),
+    st.integers(0, 3),
+)
 bad_line = st.one_of(
     st.lists(st.integers(0, 9).map(str), min_size=1, max_size=12).filter(lambda f: len(f) not in (8, 9)).map(",".join),
     st.tuples(valid_row, st.integers(0, 7), st.sampled_from(["abc", "", "1e", "nan", "--1"])).map(
-        lambda t: ",".join(t[2] if i == t[1] else str(v) for i, v in enumerate(t[0]))),
+        lambda t: ",".join(t[2] if i == t[1] else str(v) for i, v in enumerate(t[0]))
+    ),
     valid_row.map(lambda r: ",".join(map(str, (*r[:2], 0, *r[3:])))),  # zero width
     valid_row.map(lambda r: ",".join(map(str, (*r[:3], -r[3], *r[4:])))),  # negative height
     valid_row.map(lambda r: ",".join(map(str, (W + 5, *r[1:])))),  # entirely right of the image
@@ -189,7 +197,7 @@ def test_parse_annotation_random_text_never_crashes(lines):
     nonblank = sum(1 for x in lines if x.strip())
     not_written = s.skipped["others (category 11)"] + s.skipped["score 0"]
     assert len(s.problems) + len(ann.objects) + len(ann.ignore) + not_written == nonblank
-    rows = visdrone.yolo_rows(ann.objects, W, H)
+    rows = contract.yolo_rows(ann.objects, W, H)
     for r in rows.splitlines():
         c, *xywh = r.split()
         assert 0 <= int(c) <= 9 and all(0 <= float(v) <= 1 for v in xywh)
@@ -201,10 +209,12 @@ def test_cli_reports_bad_lines_and_missing_source(tmp_path):
     (split / "images").mkdir(parents=True)
     (split / "annotations").mkdir()
     cv2.imwrite(str(split / "images" / "a.jpg"), np.full((60, 80, 3), 50, np.uint8))
-    (split / "annotations" / "a.txt").write_text("1,2,10,10,1,4,0,1\n1,2,x,10,1,4,0,0\n70,50,20,20,1,1,1,2\n"
-                                                 "5,5,5,5,0,0,0,0\n1,2,3\n")
-    out = run([BIN / "so-det", "convert", "visdrone", tmp_path / "src", tmp_path / "dst", "--no-progress"],
-              cwd=tmp_path)
+    (split / "annotations" / "a.txt").write_text(
+        "1,2,10,10,1,4,0,1\n1,2,x,10,1,4,0,0\n70,50,20,20,1,1,1,2\n5,5,5,5,0,0,0,0\n1,2,3\n"
+    )
+    out = run(
+        [BIN / "so-det", "convert", "visdrone", tmp_path / "src", tmp_path / "dst", "--no-progress"], cwd=tmp_path
+    )
     text = out.stdout
     assert "a.txt:2: non-numeric field" in text and "a.txt:5: expected 8 comma-separated fields, got 3" in text
     assert "malformed: non-numeric field: 1" in text and "ignored region (category 0) -> sidecar: 1" in text
@@ -212,8 +222,13 @@ def test_cli_reports_bad_lines_and_missing_source(tmp_path):
     labels = (tmp_path / "dst" / "labels" / "train" / "a.txt").read_text().splitlines()
     assert labels == ["3 0.075000 0.116667 0.125000 0.166667", "0 0.937500 0.916667 0.125000 0.166667"]
     assert "a.txt:2" in (tmp_path / "dst" / "convert-visdrone.log").read_text()
-    proc = subprocess.run([str(BIN / "so-det"), "convert", "visdrone", str(tmp_path / "nothing"), str(tmp_path / "d2")],
-                          capture_output=True, text=True, env=clean_env(), timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "so-det"), "convert", "visdrone", str(tmp_path / "nothing"), str(tmp_path / "d2")],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+    )
     assert proc.returncode == 2 and "VisDrone2019-DET-train.zip" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -231,7 +246,7 @@ def test_missing_data_message_names_files(tmp_path, monkeypatch):
 @given(st.integers(1, 5000), st.integers(16, 1000), st.data())
 def test_tile_starts_cover_with_overlap(length, tile, data):
     overlap = data.draw(st.integers(0, tile - 1))
-    starts = soda.tile_starts(length, tile, overlap)
+    starts = tiling.tile_starts(length, tile, overlap)
     assert starts[0] == 0 and starts == sorted(set(starts))
     assert min(starts[-1] + tile, length) == length
     for a, b in zip(starts, starts[1:]):
@@ -256,16 +271,20 @@ def make_soda(root: Path):
         ([100, 100, 300, 300], 10),  # ignore region
         ([5, 5, 10, 10], 10),
     ]
-    annotations = [{"id": k, "image_id": 1, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-                   for k, (b, c) in enumerate(anns)]
+    annotations = [
+        {"id": k, "image_id": 1, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+        for k, (b, c) in enumerate(anns)
+    ]
     annotations += [
         {"id": 90, "image_id": 2, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 0},
         {"id": 91, "image_id": 2, "category_id": 3, "bbox": [1, 1, 5], "iscrowd": 0},  # malformed
         {"id": 92, "image_id": 9, "category_id": 3, "bbox": [1, 1, 5, 5]},  # unknown image
         {"id": 93, "image_id": 2, "category_id": 7, "bbox": [50, 50, 8, 8], "ignore": True},  # flagged ignore
     ]
-    images = [{"id": 1, "file_name": "a.jpg", "width": 1700, "height": 900},
-              {"id": 2, "file_name": "b.jpg", "width": 1700, "height": 900}]
+    images = [
+        {"id": 1, "file_name": "a.jpg", "width": 1700, "height": 900},
+        {"id": 2, "file_name": "b.jpg", "width": 1700, "height": 900},
+    ]
     coco = {"images": images, "annotations": annotations, "categories": cats}
     for split in ("train", "val"):
         (root / "Annotations" / f"{split}.json").write_text(json.dumps(coco))
@@ -275,8 +294,9 @@ def make_soda(root: Path):
 def test_soda_tiles_border_rule_and_classes(tmp_path):
     objects = make_soda(tmp_path / "SODA-D")
     before = tree_digest(tmp_path / "SODA-D")
-    s = soda.convert_soda(tmp_path / "SODA-D", tmp_path / "out", splits=("train", "val"), show_progress=False,
-                          verbose=False)
+    s = soda.convert_soda(
+        tmp_path / "SODA-D", tmp_path / "out", splits=("train", "val"), show_progress=False, verbose=False
+    )
     assert tree_digest(tmp_path / "SODA-D") == before
     assert s.names == {0: "people", 1: "vehicle"}  # ids 3, 7 -> 0, 1; `ignore` is not a class
     assert [p.split(":", 2)[-1].strip() for p in s.problems].count("bbox is not 4 finite numbers") == 2  # 2 splits
@@ -299,7 +319,7 @@ def test_soda_tiles_border_rule_and_classes(tmp_path):
         assert img.shape[1::-1] == (t["width"], t["height"]) and max(img.shape[:2]) <= 800
         labels = np.loadtxt(tmp_path / "out" / "labels" / "train" / f"{f.stem}.txt", ndmin=2).reshape(-1, 5)
         assert len(labels) == len(t["objects"]) and ((labels[:, 1:] >= 0) & (labels[:, 1:] <= 1)).all()
-    windows = soda.tiles(1700, 900)
+    windows = tiling.tile_windows(900, 1700)
     assert set(tiles) <= {w[:2] for w in windows}
     for k, (b, c) in enumerate(objects):
         x1, y1, x2, y2 = b[0], b[1], min(b[0] + b[2], 1700), min(b[1] + b[3], 900)
@@ -319,8 +339,9 @@ def test_soda_tiles_border_rule_and_classes(tmp_path):
         assert kept_in >= 1, f"object {k} is in no tile"
     assert tiles[(650, 0)]["objects"][0]["box"] == [130, 300, 170, 330]  # the x=800 straddler, whole here
     # a stricter border rule drops the exactly-half-visible object from tile (650, 0), rerun cleans stale tiles
-    s2 = soda.convert_soda(tmp_path / "SODA-D", tmp_path / "out", splits=("train",), min_visible=0.6,
-                           show_progress=False, verbose=False)
+    s2 = soda.convert_soda(
+        tmp_path / "SODA-D", tmp_path / "out", splits=("train",), min_visible=0.6, show_progress=False, verbose=False
+    )
     t = json.loads((tmp_path / "out" / "sidecars" / "train" / "a__650_0.json").read_text())
     assert [0, 40, 10, 50] in t["ignore"] and all(o["box"] != [0, 40, 10, 50] for o in t["objects"])
     assert s2.skipped["cut by a tile border, < 0.6 visible -> tile ignore"] > 0
@@ -349,16 +370,32 @@ def test_stock_cli_trains_via_visdrone_yaml_offline(tmp_path, workdir):
     subset(src / "VisDrone2019-DET-val", stems[8:12])
     env = clean_env(YOLO_CONFIG_DIR=tmp_path / "ycfg", SO_DET_VISDRONE_SRC=src)
     run([BIN / "yolo", "settings", f"datasets_dir={tmp_path / 'datasets'}"], cwd=workdir, env=env)
-    out = yolo("train", "model=so-det-n.yaml", "data=visdrone.yaml", *FAST, f"project={tmp_path / 'runs'}",
-               "name=vd", cwd=workdir, env=env)
+    out = yolo(
+        "train",
+        "model=so-det-n.yaml",
+        "data=visdrone.yaml",
+        *FAST,
+        f"project={tmp_path / 'runs'}",
+        "name=vd",
+        cwd=workdir,
+        env=env,
+    )
     root = tmp_path / "datasets" / "so-det-visdrone"
     assert len(list((root / "labels" / "train").glob("*.txt"))) == 8
     assert len(list((root / "sidecars" / "val").glob("*.json"))) == 4
     assert (tmp_path / "runs" / "vd" / "weights" / "last.pt").is_file()
     assert "objects written" in out.stdout + out.stderr
     # the converter's own data.yaml works with the stock CLI too
-    yolo("train", "model=so-det-n.yaml", f"data={root / 'data.yaml'}", *FAST, f"project={tmp_path / 'runs'}",
-         "name=vd2", cwd=workdir, env=env)
+    yolo(
+        "train",
+        "model=so-det-n.yaml",
+        f"data={root / 'data.yaml'}",
+        *FAST,
+        f"project={tmp_path / 'runs'}",
+        "name=vd2",
+        cwd=workdir,
+        env=env,
+    )
     assert (tmp_path / "runs" / "vd2" / "weights" / "last.pt").is_file()
 
 
@@ -367,8 +404,9 @@ def test_visdrone_from_zip_archive(tmp_path):
     stems = sorted(p.stem for p in (VISDRONE_SAMPLE / "images").glob("*.jpg"))[:2]
     folder = subset(tmp_path / "unzipped" / "VisDrone2019-DET-val", stems)
     (tmp_path / "dl").mkdir()
-    archive = Path(shutil.make_archive(str(tmp_path / "dl" / "VisDrone2019-DET-val"), "zip", folder.parent,
-                                       folder.name))
+    archive = Path(
+        shutil.make_archive(str(tmp_path / "dl" / "VisDrone2019-DET-val"), "zip", folder.parent, folder.name)
+    )
     before = tree_digest(tmp_path / "dl")
     s = visdrone.convert_visdrone(tmp_path / "dl", tmp_path / "out", show_progress=False, verbose=False)
     assert archive.name == "VisDrone2019-DET-val.zip" and tree_digest(tmp_path / "dl") == before
@@ -395,10 +433,76 @@ def _dataset_yaml(name):
     return paths.dataset_cfg(name)
 
 
-@pytest.mark.parametrize("argv", [["convert", "--help"], ["convert", "visdrone", "--help"], ["convert", "soda-d", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["convert", "--help"], ["convert", "visdrone", "--help"], ["convert", "soda-d", "--help"]]
+)
 def test_convert_help(argv, capsys):
     from so_det_ultra.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0 and "usage: so-det convert" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- data contract, tiling, CLI (issue 12)
+def test_sidecar_round_trip_and_paths(tmp_path):
+    ann = contract.Annotation([(1, 2.0, 3.5, 10.25, 20.0, None, None)], [[0, 0, 5.12345, 5]])
+    path = contract.sidecar_path(tmp_path / "images" / "val" / "a.jpg", tmp_path)
+    assert path == tmp_path / "sidecars" / "val" / "a.json"
+    assert contract.write_sidecar(path, "a.jpg", 40, 30, ann, tile={"source": "big.jpg", "x": 800, "y": 0})
+    assert not contract.write_sidecar(path, "a.jpg", 40, 30, ann, tile={"source": "big.jpg", "x": 800, "y": 0})
+    side = contract.read_sidecar(path)
+    assert (side.image, side.width, side.height, side.tile["x"]) == ("a.jpg", 40, 30, 800)
+    assert side.ignore.tolist() == [[0, 0, 5.123, 5]] and side.objects[0]["box"] == [2, 3.5, 10.25, 20]
+    assert contract.read_sidecar(tmp_path / "none.json") is None
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json"):
+        contract.read_sidecar(tmp_path / "bad.json")
+    labels = tmp_path / "a.txt"
+    labels.write_text(contract.yolo_rows(ann.objects, 40, 30))
+    boxes, cls = contract.read_labels(labels, 40, 30)
+    assert cls.tolist() == [1] and np.allclose(boxes, [[2, 3.5, 10.25, 20]], atol=0.01)
+
+
+def test_size_bins_are_the_metrics_bins():
+    from so_det_ultra.metrics.coco import PROTOCOLS
+
+    assert PROTOCOLS["visdrone"].bins is contract.COCO_BINS and PROTOCOLS["soda-d"].bins is contract.SODA_D_BINS
+    assert [contract.size_bin(a) for a in (0, 32**2, 32**2 + 1, 96**2, 96**2 + 1)] == ["small"] * 2 + ["medium"] * 2 + [
+        "large"
+    ]
+    assert [contract.size_bin(a, contract.SODA_D_BINS) for a in (144, 145, 400, 1024, 2000, 2001)] == [
+        "eS",
+        "rS",
+        "rS",
+        "gS",
+        "N",
+        None,
+    ]
+
+
+def test_to_frame_maps_tile_boxes_back():
+    import torch
+
+    boxes = np.array([[10.0, 20.0, 30.0, 40.0, 0.9, 2.0]])
+    out = tiling.to_frame(boxes, (650, 100, 1450, 900), gain=2.0)  # a tile shown to the network at twice its size
+    assert out.tolist() == [[655.0, 110.0, 665.0, 120.0, 0.9, 2.0]] and boxes[0, 0] == 10.0  # input untouched
+    assert tiling.to_frame(torch.tensor(boxes), (650, 100, 1450, 900)).tolist()[0][:4] == [660.0, 120.0, 680.0, 140.0]
+    with pytest.raises(ValueError, match="overlap"):
+        tiling.tile_starts(1000, 800, 800)
+
+
+def test_convert_cli_takes_its_defaults_from_the_converters():
+    from so_det_ultra.cli import build_parser
+    from so_det_ultra.cliargs import kwargs_for
+
+    a = build_parser().parse_args(["convert", "soda-d", "src", "dst"])
+    assert kwargs_for(soda.convert_soda, a) == {"src": "src", "dst": "dst"}
+    a = build_parser().parse_args(["convert", "soda-d", "s", "d", "--tile", "640", "--no-progress", "--splits", "val"])
+    assert kwargs_for(soda.convert_soda, a) == {
+        "src": "s",
+        "dst": "d",
+        "tile": 640,
+        "show_progress": False,
+        "splits": ["val"],
+    }

@@ -1,4 +1,4 @@
-"""SO-Det RT-DETR models and the Better Sampling losses (ST, SR, SPR; seed 004, SPEC sec. 6)."""
+"""SO-Det RT-DETR models and the Better Sampling losses (ST, SR, SPR; docs/detr.md)."""
 
 from __future__ import annotations
 
@@ -12,28 +12,39 @@ from conftest import FAST, yolo
 
 from so_det_ultra import paths
 from so_det_ultra.losses.better_sampling import BetterSampling, sample_reweight, scale_aligned_target, spr_losses
-from so_det_ultra.nn.detr import SamplingRTDETRDecoder, SampleWeightGenerator
+from so_det_ultra.nn.detr import SampleWeightGenerator, SamplingRTDETRDecoder
 
 SO_DET_RTDETR = yaml.safe_load((paths.cfg_root() / "models" / "so-det-rtdetr.yaml").read_text())
 ALL_ON = {"type": "BetterSampling", "st": True, "sr": True, "spr": True}
 
 
+def with_loss(d, loss):
+    """``d`` with a ``loss:`` section; a loss with SR also gets ``{sr: true}`` in the decoder row (SR's generator)."""
+    d = copy.deepcopy(d)
+    if loss:
+        d["loss"] = loss
+        if loss.get("sr"):
+            d["head"][-1][3] = [*d["head"][-1][3], {"sr": True}]
+    return d
+
+
 def build(loss=None, scale="n", nc=3, seed=0):
     from ultralytics.nn.tasks import RTDETRDetectionModel
 
-    d = copy.deepcopy(SO_DET_RTDETR)
+    d = with_loss(SO_DET_RTDETR, loss)
     d.update(scale=scale, nc=nc)
-    if loss:
-        d["loss"] = loss
     torch.manual_seed(seed)
     return RTDETRDetectionModel(d, nc=nc, verbose=False)
 
 
 def batch(bs=2):
     g = torch.Generator().manual_seed(0)
-    return {"img": torch.rand(bs, 3, 64, 64, generator=g), "batch_idx": torch.tensor([0.0, 0, 1]),
-            "cls": torch.tensor([[0.0], [1], [2]]),
-            "bboxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.6, 0.2, 0.1], [0.5, 0.5, 0.05, 0.05]])}
+    return {
+        "img": torch.rand(bs, 3, 64, 64, generator=g),
+        "batch_idx": torch.tensor([0.0, 0, 1]),
+        "cls": torch.tensor([[0.0], [1], [2]]),
+        "bboxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.6, 0.2, 0.1], [0.5, 0.5, 0.05, 0.05]]),
+    }
 
 
 # ---------------------------------------------------------------- ST (eqs. 7-15)
@@ -73,8 +84,12 @@ def test_losses_without_switches_and_with_beta_one_equal_stock_vfl():
     b = batch()
     preds = m.predict(b["img"], batch=targets_of(b))
     values = []
-    for crit in (RTDETRDetectionLoss(nc=3, use_vfl=True), BetterSampling(m), BetterSampling(m, st={"beta": 1.0}),
-                 BetterSampling(m, st=True)):
+    for crit in (
+        RTDETRDetectionLoss(nc=3, use_vfl=True),
+        BetterSampling(m),
+        BetterSampling(m, st={"beta": 1.0}),
+        BetterSampling(m, st=True),
+    ):
         m.criterion = crit
         values.append(float(m.loss(b, preds)[0].detach()))
     assert values[1] == pytest.approx(values[0], rel=1e-6) and values[2] == pytest.approx(values[0], rel=1e-6), values
@@ -82,8 +97,12 @@ def test_losses_without_switches_and_with_beta_one_equal_stock_vfl():
 
 
 def targets_of(b):
-    return {"cls": b["cls"].long().view(-1), "bboxes": b["bboxes"], "batch_idx": b["batch_idx"].long(),
-            "gt_groups": [int((b["batch_idx"] == i).sum()) for i in range(len(b["img"]))]}
+    return {
+        "cls": b["cls"].long().view(-1),
+        "bboxes": b["bboxes"],
+        "batch_idx": b["batch_idx"].long(),
+        "gt_groups": [int((b["batch_idx"] == i).sum()) for i in range(len(b["img"]))],
+    }
 
 
 # ---------------------------------------------------------------- SR (eqs. 16-21)
@@ -161,11 +180,13 @@ def test_decoder_is_stock_at_inference_and_leaves_no_hooks():
     assert torch.equal(ours(x)[0], stock(x)[0])
     ours.train()
     b = targets_of(batch())
-    ours([t.expand(2, -1, -1, -1) for t in x], b)
-    s = ours.sampling
+    *_, dn_meta = ours([t.expand(2, -1, -1, -1) for t in x], b)
+    s = dn_meta["sampling"]
     assert s["offsets"].shape[:2] == (2, 2) and s["offsets"].shape[-3:] == (8, 12, 2) and s["sr_w"].shape[-1] == 2
     mods = list(ours.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+    tensors = lambda net: {k for m in net.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)}  # noqa: E731
+    assert tensors(ours) == tensors(stock), "no tensors left behind but the stock decoder's own anchor cache"
 
 
 def test_models_build_and_yolo_says_to_use_rtdetr(tmp_path, monkeypatch):
@@ -174,7 +195,7 @@ def test_models_build_and_yolo_says_to_use_rtdetr(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     head = RTDETR("so-det-rtdetr-n.yaml").model.model[-1]
     assert isinstance(head, SamplingRTDETRDecoder) and head.num_queries == 500 and head.num_decoder_layers == 3
-    assert head.sr_gen is None  # no `loss:` section: no generator
+    assert head.sr_gen is None  # no `{sr: true}` in the decoder row: no generator
     with pytest.raises(TypeError, match="RTDETR"):
         YOLO("so-det-rtdetr-n.yaml")
     from ultralytics.nn.tasks import guess_model_task, yaml_model_load
@@ -190,7 +211,7 @@ def test_sr_and_spr_need_our_decoder():
     from ultralytics.nn.tasks import RTDETRDetectionModel
 
     d = yaml.safe_load((paths.cfg_root() / "models" / "rtdetr-bs.yaml").read_text())
-    d["head"][-1][2] = "RTDETRDecoder"
+    d["head"][-1][2:] = ["RTDETRDecoder", ["nc"]]  # the stock decoder takes no `{sr: true}` option
     d["loss"] = {"type": "BetterSampling", "st": True}
     m = RTDETRDetectionModel(copy.deepcopy(d), nc=2, verbose=False)
     assert isinstance(m.init_criterion(), BetterSampling)  # ST alone works on the stock decoder
@@ -199,6 +220,41 @@ def test_sr_and_spr_need_our_decoder():
             BetterSampling(m, **{sw: True})
     with pytest.raises(ValueError, match="keys"):
         BetterSampling(m, st={"betta": 0.5})
+
+
+def test_sr_is_a_decoder_row_option_checked_by_the_loss():
+    from ultralytics.nn.tasks import RTDETRDetectionModel
+
+    d = copy.deepcopy(SO_DET_RTDETR)
+    d.update(scale="n", nc=3, loss={"type": "BetterSampling", "sr": True})  # the loss asks for SR, the row does not
+    m = RTDETRDetectionModel(copy.deepcopy(d), nc=3, verbose=False)
+    assert m.model[-1].sr_gen is None, "the decoder is built from its own row, not from `loss:`"
+    with pytest.raises(ValueError, match=r"\{sr: true\}"):
+        m.init_criterion()
+    m = build({"type": "BetterSampling", "sr": True})
+    assert isinstance(m.model[-1].sr_gen, SampleWeightGenerator) and m.model[-1].sr_gen.detach
+    with pytest.raises(ValueError, match="decoder's YAML row"):
+        BetterSampling(m, sr={"detach_features": False})
+    d["head"][-1][3] = ["nc", 256, 500, {"sr": True, "sr_detach": False}]
+    assert not RTDETRDetectionModel(copy.deepcopy(d), nc=3, verbose=False).model[-1].sr_gen.detach
+    d["head"][-1][3] = ["nc", {"sr": True, "nope": 1}]
+    with pytest.raises(ValueError, match="options mapping"):
+        RTDETRDetectionModel(copy.deepcopy(d), nc=3, verbose=False)
+
+
+def test_batch_without_objects_keeps_stock_dn_meta_and_trains():
+    """No objects: no denoising groups, dn_meta None as in the stock decoder; both losses still run."""
+    from ultralytics.models.utils.loss import RTDETRDetectionLoss
+
+    m = build(ALL_ON)
+    m.train()
+    b = batch()
+    b.update(batch_idx=torch.zeros(0), cls=torch.zeros(0, 1), bboxes=torch.zeros(0, 4))
+    assert m.predict(b["img"], batch=targets_of(b))[-1] is None
+    for crit in (RTDETRDetectionLoss(nc=3, use_vfl=True), BetterSampling(m, st=True, sr=True, spr=True)):
+        m.criterion = crit
+        loss, _ = m.loss(b)
+        assert torch.isfinite(loss)
 
 
 def test_each_switch_alone_trains_a_step():
@@ -236,10 +292,8 @@ def test_onnx_parity_and_no_growth_from_training_only_parts(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     counts, torch_params = {}, {}
     for name, loss in (("plain", None), ("all", ALL_ON)):
-        d = copy.deepcopy(SO_DET_RTDETR)
+        d = with_loss(SO_DET_RTDETR, loss)
         d.update(scale="n", nc=3)
-        if loss:
-            d["loss"] = loss
         f = tmp_path / f"so-det-rtdetr-{name}.yaml"
         f.write_text(yaml.safe_dump(d))
         torch.manual_seed(0)
@@ -263,15 +317,16 @@ def test_onnx_parity_and_no_growth_from_training_only_parts(tmp_path, monkeypatc
 
 # ---------------------------------------------------------------- stock CLI
 CLI_CASES = {"plain": None, "all": ALL_ON}  # ("none" would read as None in name=)
-SLOW_CASES = {"st": {"type": "BetterSampling", "st": True}, "sr": {"type": "BetterSampling", "sr": True},
-              "spr": {"type": "BetterSampling", "spr": True}}
+SLOW_CASES = {
+    "st": {"type": "BetterSampling", "st": True},
+    "sr": {"type": "BetterSampling", "sr": True},
+    "spr": {"type": "BetterSampling", "spr": True},
+}
 
 
 def write_yaml(dirpath, name, loss):
-    d = copy.deepcopy(SO_DET_RTDETR)
+    d = with_loss(SO_DET_RTDETR, loss)
     d.update(scale="n")
-    if loss:
-        d["loss"] = loss
     f = dirpath / f"so-det-rtdetr-{name}-test.yaml"
     f.write_text(yaml.safe_dump(d))
     return f
@@ -281,8 +336,9 @@ def write_yaml(dirpath, name, loss):
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_stock_cli_trains_one_epoch(case, tiny_data, workdir, tmp_path):
     model = "so-det-rtdetr-n.yaml" if case == "plain" else write_yaml(workdir, case, CLI_CASES[case])
-    proc = yolo("train", f"model={model}", f"data={tiny_data}", *FAST, f"project={tmp_path}", f"name={case}",
-                cwd=workdir)
+    proc = yolo(
+        "train", f"model={model}", f"data={tiny_data}", *FAST, f"project={tmp_path}", f"name={case}", cwd=workdir
+    )
     last = tmp_path / case / "weights" / "last.pt"
     assert last.exists(), proc.stdout[-2000:]
     head = torch.load(last, map_location="cpu", weights_only=False)["model"].model[-1]

@@ -8,13 +8,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import BIN, FAST, clean_env, run, yolo
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
-from conftest import BIN, FAST, clean_env, run, yolo
 from so_det_ultra.highres import SparseModel, make_patches, select_patches, sparse_predict
 from so_det_ultra.losses.esod import ESODLoss, heatmap_target
-from so_det_ultra.nn.esod import ObjectSeeker
+from so_det_ultra.nn.esod import ObjectSeeker, SeekerDetect
 
 # A small model whose receptive field (about 56 px) fits in an 8-cell (64 px) margin, so sparse must equal dense.
 LOCAL_YAML = """
@@ -41,12 +41,36 @@ def blob(shape, cy, cx, sigma=2.0, peak=1.0):
 # --- seeker block and loss ------------------------------------------------------------------------------------------
 
 
-def test_seeker_shape_and_transient_logits():
+def tensor_state(module):
+    """Tensors a module holds outside its parameters and buffers (what a forward pass could leave behind)."""
+    return [k for m in module.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
+
+
+def test_seeker_shape_and_no_state_left_by_the_forward():
     s = ObjectSeeker(32)
     out = s(torch.randn(2, 32, 10, 12))
-    assert out.shape == (2, 1, 10, 12) and s.logits is out
+    assert out.shape == (2, 1, 10, 12)
     assert torch.sigmoid(out).mean() < 0.05, "the prior bias should start the heatmap near 0"
-    assert copy.deepcopy(s).logits is None and pickle.loads(pickle.dumps(s)).logits is None
+    assert tensor_state(s) == [], "the logits are an output, not module state"
+    for clone in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert torch.equal(clone(torch.ones(1, 32, 4, 4)), s(torch.ones(1, 32, 4, 4)))
+
+
+def test_seeker_detect_routes_the_logits_in_training_and_validation_only():
+    model = DetectionModel("so-det-esod-n.yaml", nc=3, verbose=False)
+    head, seeker = model.model[-1], next(m for m in model.model if isinstance(m, ObjectSeeker))
+    assert isinstance(head, SeekerDetect) and head.f[-1] == seeker.i and head.nl == 3
+    x = torch.rand(1, 3, 64, 64)
+    train = model.train()(x)
+    assert train["seek"].shape == (1, 1, 8, 8) and len(train["feats"]) == 3
+    y, raw = model.eval()(x)
+    assert raw["seek"].shape == (1, 1, 8, 8) and y.shape[1] == 4 + 3
+    head.export = True
+    try:
+        assert torch.equal(model(x), y), "export output is Detect's decoded tensor alone"
+    finally:
+        head.export = False
+    assert tensor_state(model) == [] or all(k in ("anchors", "strides", "stride") for k in tensor_state(model))
 
 
 def test_heatmap_target_values():
@@ -62,19 +86,26 @@ def test_heatmap_target_values():
 
 
 def test_heatmap_target_tiny_box_marks_its_cell_and_ignore_regions():
-    t, w = heatmap_target(torch.tensor([[17.0, 9.0, 19.0, 11.0]]), (4, 4), 8, ignore=torch.tensor([[0.0, 16.0, 32.0, 32.0]]))
+    t, w = heatmap_target(
+        torch.tensor([[17.0, 9.0, 19.0, 11.0]]), (4, 4), 8, ignore=torch.tensor([[0.0, 16.0, 32.0, 32.0]])
+    )
     assert t[1, 2].item() == 1.0 and t.sum().item() == 1.0
     assert w[2:, :].sum() == 0 and w[:2, :].sum() == 8, "cells whose centre lies in the ignored region get weight 0"
-    t2, w2 = heatmap_target(torch.tensor([[17.0, 17.0, 19.0, 19.0]]), (4, 4), 8, ignore=torch.tensor([[0.0, 0.0, 32.0, 32.0]]))
+    t2, w2 = heatmap_target(
+        torch.tensor([[17.0, 17.0, 19.0, 19.0]]), (4, 4), 8, ignore=torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+    )
     assert w2[2, 2] == 1 and w2.sum() == 1, "a box inside an ignored region stays positive"
     t3, _ = heatmap_target(torch.zeros(0, 4), (3, 5), 8)
     assert t3.shape == (3, 5) and t3.sum() == 0
 
 
 def _batch(model_imgsz=64):
-    return {"batch_idx": torch.tensor([0.0, 0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0], [0.0]]),
-            "bboxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.7, 0.6, 0.2, 0.1], [0.5, 0.5, 0.05, 0.05]]),
-            "img": torch.rand(2, 3, model_imgsz, model_imgsz)}
+    return {
+        "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
+        "cls": torch.tensor([[0.0], [1.0], [0.0]]),
+        "bboxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.7, 0.6, 0.2, 0.1], [0.5, 0.5, 0.05, 0.05]]),
+        "img": torch.rand(2, 3, model_imgsz, model_imgsz),
+    }
 
 
 def test_esod_loss_adds_seek_term_with_gradients():
@@ -99,6 +130,15 @@ def test_esod_loss_needs_a_seeker():
         ESODLoss(model)
 
 
+def test_esod_loss_needs_the_seeker_detect_head(tmp_path):
+    p = tmp_path / "plain-head.yaml"
+    p.write_text(LOCAL_YAML)  # a seeker, but a plain Detect head: nothing routes the logits to the loss
+    model = DetectionModel(str(p), verbose=False)
+    model.args = get_cfg()
+    with pytest.raises(ValueError, match="SeekerDetect"):
+        ESODLoss(model)
+
+
 # --- patch selection ------------------------------------------------------------------------------------------------
 
 
@@ -106,7 +146,7 @@ def test_one_cluster_one_patch():
     heat = blob((136, 240), 50, 101, sigma=3) + blob((136, 240), 55, 108, sigma=2, peak=0.6)  # one cluster, one peak
     patches = select_patches(heat, thr=0.5, patch=30, align=2)
     assert len(patches) == 1
-    (y0, x0), = patches
+    ((y0, x0),) = patches
     ys, xs = torch.nonzero(heat >= 0.5, as_tuple=True)
     assert y0 <= ys.min() and ys.max() < y0 + 30 and x0 <= xs.min() and xs.max() < x0 + 30
     assert y0 % 2 == 0 and x0 % 2 == 0
@@ -141,7 +181,7 @@ def test_uniform_heatmap_is_tiled_without_gaps():
     patches = select_patches(torch.ones(40, 64), patch=16, align=2)
     covered = torch.zeros(40, 64, dtype=torch.bool)
     for y0, x0 in patches:
-        covered[y0:y0 + 16, x0:x0 + 16] = True
+        covered[y0 : y0 + 16, x0 : x0 + 16] = True
     assert covered.all() and len(patches) == 12
 
 
@@ -211,17 +251,36 @@ def test_sparse_needs_a_seeker():
 
 @pytest.mark.cli
 def test_esod_trains_with_stock_cli_and_predicts_sparse(tiny_data, workdir, tmp_path):
-    out = yolo("train", "model=so-det-esod-n.yaml", f"data={tiny_data}", *FAST, f"project={tmp_path}", "name=t",
-               cwd=workdir)
+    out = yolo(
+        "train", "model=so-det-esod-n.yaml", f"data={tiny_data}", *FAST, f"project={tmp_path}", "name=t", cwd=workdir
+    )
     assert "seek_loss" in out.stdout + out.stderr
     header = (tmp_path / "t" / "results.csv").read_text().splitlines()[0]
     assert "train/seek_loss" in header and "val/seek_loss" in header
     best = tmp_path / "t" / "weights" / "best.pt"
     image = next((tiny_data.parent / "images" / "val").glob("*.png"))
     for mode in ("sparse", "sliced", "dense"):
-        res = run([BIN / "so-det", "predict", "--model", best, "--source", image, "--mode", mode, "--conf", "0.001",
-                   "--tile", "32", "--save-dir", tmp_path / mode, "--save-txt"], cwd=workdir,
-                  env=clean_env(ULTRALYTICS_SAFE_LOAD="1"))
+        res = run(
+            [
+                BIN / "so-det",
+                "predict",
+                "--model",
+                best,
+                "--source",
+                image,
+                "--mode",
+                mode,
+                "--conf",
+                "0.001",
+                "--tile",
+                "32",
+                "--save-dir",
+                tmp_path / mode,
+                "--save-txt",
+            ],
+            cwd=workdir,
+            env=clean_env(ULTRALYTICS_SAFE_LOAD="1"),
+        )
         assert "saved 1 image(s)" in res.stdout
         assert (tmp_path / mode / image.name).is_file()
 
@@ -238,8 +297,10 @@ def test_sparse_head_equals_dense_head_at_chosen_cells(local_model, fused):
     model = model.fuse(verbose=False) if fused else model
     det = model.model[-1]
     torch.manual_seed(1)
-    feats = [torch.randn(2, m.conv.in_channels if hasattr(m, "conv") else m[0].conv.in_channels, h, w)
-             for m, (h, w) in zip([s[0] for s in det.cv2], [(24, 32), (12, 16), (6, 8)])]
+    feats = [
+        torch.randn(2, m.conv.in_channels if hasattr(m, "conv") else m[0].conv.in_channels, h, w)
+        for m, (h, w) in zip([s[0] for s in det.cv2], [(24, 32), (12, 16), (6, 8)])
+    ]
     masks = [torch.rand(2, f.shape[2], f.shape[3]) < 0.15 for f in feats]
     masks[0][0, 0, 0] = masks[0][1, -1, -1] = masks[2][0, 0, -1] = True  # corners: zero padding must match
     with torch.no_grad():
@@ -270,3 +331,15 @@ def test_sparse_predict_with_sparse_head_is_a_subset_of_the_dense_head(local_mod
     assert torch.cdist(part.double(), full.double(), p=float("inf")).min(1).values.max() < 1e-3
     res = sparse_predict(sm, np.zeros((320, 480, 3), np.uint8), heatmap=lambda *a: heat, sparse_head=True, conf=0.0)
     assert len(res[0].patches) == 2 and res[0].boxes.data.shape[1] == 6
+
+
+def test_esod_onnx_export_has_only_the_detect_output(tmp_path, monkeypatch):
+    """The seeker feeds SeekerDetect, yet the exported graph's one output is Detect's decoded tensor."""
+    ort = pytest.importorskip("onnxruntime")
+    from ultralytics import YOLO
+
+    monkeypatch.chdir(tmp_path)
+    model = YOLO("so-det-esod-n.yaml")
+    session = ort.InferenceSession(model.export(format="onnx", imgsz=64, simplify=False))
+    outs = session.run(None, {"images": np.zeros((1, 3, 64, 64), np.float32)})
+    assert [o.shape for o in outs] == [(1, 4 + 10, 16 * 16 + 8 * 8 + 4 * 4)]

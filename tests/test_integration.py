@@ -1,6 +1,5 @@
 """The integration layer, in-process: one test (at least) per Ultralytics patch, plus build-time behaviour."""
 
-import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import yaml
 import so_det_ultra
 from so_det_ultra import paths
 from so_det_ultra.integration import PATCHES, installed, parser, version
-from so_det_ultra.registry import BLOCKS, LOSSES, ModelBuildError, Registry, UnknownBlockError
+from so_det_ultra.registry import LOSSES, ModelBuildError, Registry, UnknownBlockError
 
 REPO = Path(__file__).resolve().parents[1]
 SO_DET = yaml.safe_load((REPO / "cfg/models/so-det.yaml").read_text())
@@ -69,7 +68,7 @@ def test_stock_models_unchanged(tasks):
 
     d = yaml_model_load("yolo11n.yaml")
     patched = sum(p.numel() for p in DetectionModel(d, verbose=False).parameters())
-    original = PATCHES["ultralytics.nn.tasks.parse_model"]
+    original = PATCHES["ultralytics.nn.tasks.parse_model"].original
     layers, _ = original(yaml.safe_load(yaml.safe_dump(d)), ch=3, verbose=False)
     assert patched == sum(p.numel() for p in layers.parameters()) == 2_624_080
 
@@ -131,8 +130,16 @@ def test_activation_reaches_plugin_blocks(tasks):
     assert isinstance(model_from(SO_DET).model[21].act, torch.nn.SiLU)
 
 
-@pytest.mark.parametrize("scale,c3k", [("n", [False, False, True]), ("s", [False, False, True]),
-                                       ("m", [False, False, True]), ("l", [True, True, True]), ("x", [True, True, True])])
+@pytest.mark.parametrize(
+    "scale,c3k",
+    [
+        ("n", [False, False, True]),
+        ("s", [False, False, True]),
+        ("m", [False, False, True]),
+        ("l", [True, True, True]),
+        ("x", [True, True, True]),
+    ],
+)
 def test_c3k_follows_c3k_scales_not_the_letter(tasks, scale, c3k):
     from ultralytics.nn.modules.block import C3k
 

@@ -39,8 +39,10 @@ def square(x, y, side):
 
 def test_perfect_detections_give_one_everywhere():
     # VisDrone bins: small 10^2, medium 50^2, large 150^2; three classes over two images
-    vd = [img("i0", [square(0, 0, 10), square(100, 100, 50), square(300, 300, 150)], [0, 1, 2]),
-          img("i1", [square(5, 5, 20), square(500, 500, 60)], [2, 0])]
+    vd = [
+        img("i0", [square(0, 0, 10), square(100, 100, 50), square(300, 300, 150)], [0, 1, 2]),
+        img("i1", [square(5, 5, 20), square(500, 500, 60)], [2, 0]),
+    ]
     preds = [det(t.file.stem, b, 0.5 + 0.01 * k, int(c)) for t in vd for k, (b, c) in enumerate(zip(t.boxes, t.cls))]
     r = evaluate(vd, preds, VD, NAMES)
     assert r.metrics == {k: 1.0 for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")}
@@ -68,8 +70,9 @@ def test_each_size_bin_sees_only_its_objects():
     assert (r.metrics["AP_small"], r.metrics["AP_medium"], r.metrics["AP_large"]) == (1.0, 0.0, 0.0)
     assert r.counts["gt_per_bin"] == {"small": 1, "medium": 1, "large": 1}
     # a confident false positive of medium size lowers AP_medium's precision but not AP_small
-    r = evaluate(t, [det("i", t[0].boxes[0], 0.5), det("i", t[0].boxes[1], 0.4), det("i", square(700, 0, 50), 0.9)],
-                 VD, NAMES)
+    r = evaluate(
+        t, [det("i", t[0].boxes[0], 0.5), det("i", t[0].boxes[1], 0.4), det("i", square(700, 0, 50), 0.9)], VD, NAMES
+    )
     assert r.metrics["AP_small"] == 1.0 and r.metrics["AP_large"] == 0.0
     assert r.metrics["AP_medium"] == pytest.approx(0.5)  # precision 1/2 at the only recall level
     # a bin without ground truth is None (COCO's -1), not 0
@@ -139,8 +142,16 @@ def _ultralytics_map(truth, preds, nc, save_dir):
         tp = np.zeros((len(rows), 10), bool)
         if len(rows) and len(t.cls):
             tp = v.match_predictions(pc, tc, box_iou(torch.tensor(t.boxes, dtype=torch.float32), pb)).numpy()
-        m.update_stats({"tp": tp, "conf": np.array([p["score"] for p in rows]), "pred_cls": pc.numpy(),
-                        "target_cls": t.cls, "target_img": np.unique(t.cls), "im_name": t.file.name})
+        m.update_stats(
+            {
+                "tp": tp,
+                "conf": np.array([p["score"] for p in rows]),
+                "pred_cls": pc.numpy(),
+                "target_cls": t.cls,
+                "target_img": np.unique(t.cls),
+                "im_name": t.file.name,
+            }
+        )
     m.process()
     return float(m.box.map), int(m.nt_per_class.min())
 
@@ -209,12 +220,20 @@ def _write_dataset(root: Path, images: dict, so_det: dict | None) -> Path:
         for d in ("images", "labels", "sidecars"):
             (root / d / "val").mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(root / "images" / "val" / f"{stem}.png"), np.zeros((h, w, 3), np.uint8))
-        rows = [f"{c} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}"
-                for c, x1, y1, x2, y2 in objects]
+        rows = [
+            f"{c} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}"
+            for c, x1, y1, x2, y2 in objects
+        ]
         (root / "labels" / "val" / f"{stem}.txt").write_text("\n".join(rows))
-        side = {"image": f"{stem}.png", "width": w, "height": h, "ignore": ignore,
-                "objects": [{"cls": c, "box": [x1, y1, x2, y2], "truncation": 0, "occlusion": 0}
-                            for c, x1, y1, x2, y2 in objects]}
+        side = {
+            "image": f"{stem}.png",
+            "width": w,
+            "height": h,
+            "ignore": ignore,
+            "objects": [
+                {"cls": c, "box": [x1, y1, x2, y2], "truncation": 0, "occlusion": 0} for c, x1, y1, x2, y2 in objects
+            ],
+        }
         (root / "sidecars" / "val" / f"{stem}.json").write_text(json.dumps(side))
     data = {"path": str(root), "train": "images/val", "val": "images/val", "names": {0: "a", 1: "b"}}
     if so_det:
@@ -228,13 +247,19 @@ def test_ground_truth_from_labels_and_sidecars(tmp_path):
     Ultralytics' int image_id."""
     from ultralytics.data.utils import check_det_dataset
 
-    path = _write_dataset(tmp_path, {
-        "0007": (200, 100, [(0, 10, 10, 30, 30), (1, 100, 20, 160, 90)], [[150, 0, 200, 100]]),
-        "scene_b": (120, 80, [(1, 5, 5, 15, 15)], []),
-    }, {"eval": "visdrone", "sidecars": "sidecars"})
+    path = _write_dataset(
+        tmp_path,
+        {
+            "0007": (200, 100, [(0, 10, 10, 30, 30), (1, 100, 20, 160, 90)], [[150, 0, 200, 100]]),
+            "scene_b": (120, 80, [(1, 5, 5, 15, 15)], []),
+        },
+        {"eval": "visdrone", "sidecars": "sidecars"},
+    )
     data = check_det_dataset(str(path))
-    preds = [{"image_id": 7, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},  # Ultralytics: int("0007")
-             {"image_id": "scene_b", "category_id": 2, "bbox": [5, 5, 10, 10], "score": 0.8}]
+    preds = [
+        {"image_id": 7, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},  # Ultralytics: int("0007")
+        {"image_id": "scene_b", "category_id": 2, "bbox": [5, 5, 10, 10], "score": 0.8},
+    ]
     r = evaluate_dataset(data, "val", preds)
     # the second object of 0007 is 60x70 with 10 of its 60 columns in the region -> kept, and missed
     assert r.counts["gt"] == 3 and r.counts["gt_ignored"] == 0 and r.metrics["AP_small"] == 1.0
@@ -282,8 +307,9 @@ def test_stock_cli_train_val_and_so_det_eval(tmp_path, workdir):
     predictions.json gives the same numbers; the same data without the key is untouched."""
     from so_det_ultra.data.synthetic import make_dataset
 
-    plain = make_dataset(tmp_path / "ds", n_train=8, n_val=4, imgsz=64, nc=3, objects=(2, 6),
-                         size_range=(3.0, 14.0), seed=0)
+    plain = make_dataset(
+        tmp_path / "ds", n_train=8, n_val=4, imgsz=64, nc=3, objects=(2, 6), size_range=(3.0, 14.0), seed=0
+    )
     data = yaml.safe_load(plain.read_text())
     data["so_det"] = {"eval": "visdrone", "sidecars": "sidecars", "max_det": 500}
     ours = plain.with_name("so_det.yaml")
@@ -291,8 +317,13 @@ def test_stock_cli_train_val_and_so_det_eval(tmp_path, workdir):
     for split in ("train", "val"):
         (tmp_path / "ds" / "sidecars" / split).mkdir(parents=True)
         for k, im in enumerate(sorted((tmp_path / "ds" / "images" / split).iterdir())):
-            side = {"image": im.name, "width": 64, "height": 64, "ignore": [[0, 0, 24, 24]] if k < 2 else [],
-                    "objects": []}
+            side = {
+                "image": im.name,
+                "width": 64,
+                "height": 64,
+                "ignore": [[0, 0, 24, 24]] if k < 2 else [],
+                "objects": [],
+            }
             (tmp_path / "ds" / "sidecars" / split / f"{im.stem}.json").write_text(json.dumps(side))
     proj = tmp_path / "runs"
 
@@ -304,8 +335,20 @@ def test_stock_cli_train_val_and_so_det_eval(tmp_path, workdir):
     assert (proj / "t" / "so_det_metrics.csv").read_text().startswith("epoch,split,AP,AP50,AP75,AP_small")
     best = proj / "t" / "weights" / "best.pt"
 
-    out = yolo("val", f"model={best}", f"data={ours}", "imgsz=64", "batch=4", "device=cpu", "save_json=True",
-               "plots=True", f"project={proj}", "name=v", "exist_ok=True", cwd=workdir)
+    out = yolo(
+        "val",
+        f"model={best}",
+        f"data={ours}",
+        "imgsz=64",
+        "batch=4",
+        "device=cpu",
+        "save_json=True",
+        "plots=True",
+        f"project={proj}",
+        "name=v",
+        "exist_ok=True",
+        cwd=workdir,
+    )
     log = out.stdout + out.stderr
     assert "max_det=500" in log and "so-det visdrone AP" in log
     run_dir = proj / "v"
@@ -316,15 +359,28 @@ def test_stock_cli_train_val_and_so_det_eval(tmp_path, workdir):
 
     cli = tmp_path / "eval.json"
     so_det = BIN / "so-det"
-    out = run([so_det, "eval", "--data", ours, "--split", "val", "--pred", run_dir / "predictions.json",
-               "--json", cli], cwd=workdir)
+    out = run(
+        [so_det, "eval", "--data", ours, "--split", "val", "--pred", run_dir / "predictions.json", "--json", cli],
+        cwd=workdir,
+    )
     assert "AP_small" in out.stdout
     mine = json.loads(cli.read_text())
     for k in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "per_class", "counts"):
         assert mine[k] == hook[k], k
 
-    out = yolo("val", f"model={best}", f"data={plain}", "imgsz=64", "batch=4", "device=cpu", "plots=False",
-               f"project={proj}", "name=plain", "exist_ok=True", cwd=workdir)
+    out = yolo(
+        "val",
+        f"model={best}",
+        f"data={plain}",
+        "imgsz=64",
+        "batch=4",
+        "device=cpu",
+        "plots=False",
+        f"project={proj}",
+        "name=plain",
+        "exist_ok=True",
+        cwd=workdir,
+    )
     log = out.stdout + out.stderr
     assert "so-det visdrone AP" not in log and "max_det=500" not in log
     assert sorted(p.name for p in (proj / "plain").iterdir()) == []  # no predictions.json, no so_det files

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import FAST, yolo
 
 # SO-Det README (VisDrone, 640, nc=10): params of s, m, l.
@@ -52,7 +51,9 @@ def test_ablations_differ_from_full_model_as_documented():
 @pytest.mark.cli
 @pytest.mark.parametrize("name", ABLATIONS)
 def test_ablation_trains_one_epoch_through_stock_cli(name, tiny_data, workdir, tmp_path):
-    out = yolo("train", f"model={name}-s.yaml", f"data={tiny_data}", *FAST, f"project={tmp_path}", "name=a", cwd=workdir)
+    out = yolo(
+        "train", f"model={name}-s.yaml", f"data={tiny_data}", *FAST, f"project={tmp_path}", "name=a", cwd=workdir
+    )
     assert f"{name}-s summary" in out.stdout + out.stderr
     assert (tmp_path / "a" / "weights" / "best.pt").is_file()
 
@@ -91,8 +92,12 @@ def test_so_det_learns_the_synthetic_task(tmp_path):
             idx.append(k)
             cls.append([c])
             boxes.append(b)
-    batch = {"img": torch.stack(imgs), "batch_idx": torch.tensor(idx, dtype=torch.float32),
-             "cls": torch.tensor(cls, dtype=torch.float32), "bboxes": torch.tensor(boxes, dtype=torch.float32)}
+    batch = {
+        "img": torch.stack(imgs),
+        "batch_idx": torch.tensor(idx, dtype=torch.float32),
+        "cls": torch.tensor(cls, dtype=torch.float32),
+        "bboxes": torch.tensor(boxes, dtype=torch.float32),
+    }
     torch.manual_seed(0)
     model = YOLO("so-det-n.yaml").model.train()
     model.args = get_cfg()

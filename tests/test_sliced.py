@@ -3,15 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import clean_env, python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import clean_env, python
 from so_det_ultra.highres.common import merge
 from so_det_ultra.highres.sliced import sliced_predict, tile_windows
-
-
 
 # ---------------------------------------------------------------------------------------------------------- windows
 
@@ -41,8 +39,14 @@ def test_windows_overlap_respected(tile, overlap):
 
 
 def test_windows_examples():
-    assert tile_windows(1000, 1500, 640, 0.2) == [(0, 0, 640, 640), (512, 0, 1152, 640), (860, 0, 1500, 640),
-                                                  (0, 360, 640, 1000), (512, 360, 1152, 1000), (860, 360, 1500, 1000)]
+    assert tile_windows(1000, 1500, 640, 0.2) == [
+        (0, 0, 640, 640),
+        (512, 0, 1152, 640),
+        (860, 0, 1500, 640),
+        (0, 360, 640, 1000),
+        (512, 360, 1152, 1000),
+        (860, 360, 1500, 1000),
+    ]
     assert tile_windows(100, 50, 640) == [(0, 0, 50, 100)]  # smaller than a tile: the whole frame
     assert tile_windows(640, 640, 640) == [(0, 0, 640, 640)]
     assert tile_windows(300, 1000, 640, 0.2) == [(0, 0, 640, 300), (360, 0, 1000, 300)]
@@ -192,3 +196,44 @@ def test_sahi_runs_our_checkpoint(tmp_path):
     lines = dict(line.split() for line in out.splitlines() if line.startswith(("CDOWN", "PREDICTIONS")))
     assert int(lines["CDOWN"]) >= 2, out
     assert int(lines["PREDICTIONS"]) > 0, out
+
+
+# ------------------------------------------------------------------------------- shared grid, CLI defaults (issue 12)
+
+
+@pytest.mark.parametrize("h, w", [(900, 1700), (800, 800), (1080, 1920), (300, 5000)])
+def test_sliced_windows_are_the_soda_d_grid(h, w):
+    from so_det_ultra.data import tiling
+
+    assert tile_windows(h, w, 800, 150 / 800) == tiling.tile_windows(h, w, 800, 150)
+
+
+def test_results_say_whether_the_full_frame_pass_ran():
+    img = frame_with_square(530, 380, 560, 410)
+    assert sliced_predict(BrightBlock(), img, full_frame=True)[0].full_frame is True
+    assert sliced_predict(BrightBlock(), img, full_frame=False)[0].full_frame is False
+    assert sliced_predict(BrightBlock(), img[:300, :300], full_frame=True)[0].full_frame is False  # one tile: no pass
+
+
+def test_predict_cli_takes_its_defaults_from_the_predictors(capsys):
+    from so_det_ultra.cli import build_parser, main
+    from so_det_ultra.cliargs import defaults, kwargs_for
+    from so_det_ultra.highres.sparse import sparse_predict
+
+    argv = ["predict", "--model", "m.pt", "--source", "a.jpg", "--mode", "sliced"]
+    a = build_parser().parse_args(argv)
+    assert kwargs_for(sliced_predict, a) == {"model": "m.pt", "source": ["a.jpg"]}  # every default: the signature's
+    a = build_parser().parse_args([*argv, "--iou", "0.6", "--no-full-frame", "--tile", "32"])
+    assert kwargs_for(sliced_predict, a) == {
+        "model": "m.pt",
+        "source": ["a.jpg"],
+        "iou": 0.6,
+        "full_frame": False,
+        "tile": 32,
+    }
+    assert "tile" not in kwargs_for(sparse_predict, a)  # an option of another mode does not leak
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sliced_iou, sparse_iou = defaults(sliced_predict)["iou"], defaults(sparse_predict)["iou"]
+    assert sliced_iou == 0.5 and f"NMS IoU (default: sparse {sparse_iou}, sliced {sliced_iou}, dense 0.7)" in text

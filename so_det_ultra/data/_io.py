@@ -1,4 +1,4 @@
-"""File helpers shared by the dataset converters: atomic, change-only writes and a guard for the source tree.
+"""File helpers of the dataset converters: atomic, change-only writes, image placement, archives, stale files.
 
 Every output file is written to a temporary file in the same folder and moved into place with :func:`os.replace`,
 so an interrupted run never leaves a half-written label or image behind. A file whose bytes would not change is not
@@ -15,7 +15,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGE_MODES = ("copy", "hardlink", "symlink")
 
 
@@ -86,20 +85,6 @@ def place_image(src: Path, dst: Path, mode: str = "copy") -> bool:
     return True
 
 
-def check_dst(src: Path, dst: Path) -> None:
-    """Refuse output touching the source: ``dst`` equal to or inside ``src``, or ``src`` inside an output folder.
-
-    ``src`` is one source split folder (or annotation file); ``dst`` may contain it (e.g. the official folders
-    unzipped into the dataset root), as long as it is not under ``dst/images``, ``dst/labels`` or ``dst/sidecars``.
-    """
-    s, d = Path(src).resolve(), Path(dst).resolve()
-    if d == s or s in d.parents:
-        raise ValueError(f"output folder {d} must not be the source folder {s} or inside it: the source is read-only")
-    for owned in ("images", "labels", "sidecars"):
-        if (d / owned) == s or (d / owned) in s.parents:
-            raise ValueError(f"source {s} lies inside the output folder {d / owned}, which the converter rewrites")
-
-
 def remove_stale(folder: Path, keep: set) -> int:
     """Delete files in ``folder`` (not recursive) whose names are not in ``keep``; return how many."""
     folder = Path(folder)
@@ -126,27 +111,6 @@ def extract_archive(archive: Path, into: Path) -> Path:
     return into
 
 
-def find_image(folder: Path, stem: str, index: dict | None = None) -> Path | None:
-    """The image ``folder/stem.<ext>`` for any usual image suffix (``index``: optional prebuilt stem -> path map)."""
-    if index is not None:
-        return index.get(stem)
-    for suffix in IMAGE_SUFFIXES:
-        for s in (suffix, suffix.upper()):
-            if (p := Path(folder) / f"{stem}{s}").is_file():
-                return p
-    return None
-
-
-def image_index(folder: Path) -> dict:
-    """``{stem: path}`` for every image file directly inside ``folder`` (first suffix in sorted order wins)."""
-    out = {}
-    if Path(folder).is_dir():
-        for p in sorted(Path(folder).iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                out.setdefault(p.stem, p)
-    return out
-
-
 def find_local_source(data: dict, env: str, found, missing: str) -> Path:
     """The folder a dataset YAML's offline ``download:`` step converts from.
 
@@ -170,3 +134,35 @@ def progress(iterable, desc: str, total: int | None = None, enabled: bool = True
     from ultralytics.utils import TQDM  # lazy: importing Ultralytics costs about a second
 
     return TQDM(iterable, desc=desc, total=total, disable=False)
+
+
+def image_size(path: Path):
+    """(width, height) from the image header; ``None`` if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # any decoder error means "unreadable" to the caller
+        return None
+
+
+def read_image(path: Path):
+    """BGR array of the image at ``path``; OSError if it cannot be read."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise OSError(f"could not read {path}")
+    return img
+
+
+def encode(img, suffix: str) -> bytes:
+    """Image bytes in the format of ``suffix`` (JPEG at quality 95); deterministic for the same pixels."""
+    import cv2
+
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix.lower() in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(suffix.lower(), img, params)
+    if not ok:
+        raise OSError(f"could not encode a {suffix} image")
+    return buf.tobytes()

@@ -1,16 +1,15 @@
-"""Bookkeeping of a conversion run: what was written, what was skipped and why, printed as an end summary."""
+"""Bookkeeping of a conversion run: what was written, what was skipped and why, formatted as an end summary.
+
+The converters return the :class:`Summary`, write it to their log file and hand it to Ultralytics' ``LOGGER``; they
+never print. Object sizes are counted in the COCO bins of :mod:`so_det_ultra.data.contract`.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 
-SMALL, MEDIUM = 32**2, 96**2  # COCO scale bins on box area in pixels (SPEC.md sec. 7)
-
-
-def scale_bin(area: float) -> str:
-    """``small`` (area <= 32^2), ``medium`` (<= 96^2) or ``large``."""
-    return "small" if area <= SMALL else "medium" if area <= MEDIUM else "large"
+from so_det_ultra.data.contract import COCO_BINS, size_bin
 
 
 @dataclass
@@ -31,7 +30,7 @@ class Summary:
 
     def add_object(self, cls: int, w: float, h: float) -> None:
         self.objects[cls] += 1
-        self.scales[scale_bin(w * h)] += 1
+        self.scales[size_bin(w * h, COCO_BINS)] += 1
 
     def problem(self, where: str, reason: str) -> None:
         """A malformed input line/record: reported as ``where: reason`` and counted under ``malformed: reason``."""
@@ -52,10 +51,14 @@ class Summary:
         lines.append(f"objects written: {total}")
         for c in sorted(set(self.names) | set(self.objects)):
             lines.append(f"  {c:>2} {self.names.get(c, '?'):<16} {self.objects[c]}")
-        lines.append("  scale: " + ", ".join(f"{k} {self.scales[k]}" for k in ("small", "medium", "large"))
-                     + " (COCO bins, area <= 32^2 / <= 96^2 / larger)")
-        lines.append(f"boxes clipped to the image/tile: {self.clipped}; "
-                     f"ignored regions in sidecars: {self.ignore_regions}")
+        lines.append(
+            "  scale: "
+            + ", ".join(f"{k} {self.scales[k]}" for k, *_ in COCO_BINS)
+            + " (COCO bins, area <= 32^2 / <= 96^2 / larger)"
+        )
+        lines.append(
+            f"boxes clipped to the image/tile: {self.clipped}; ignored regions in sidecars: {self.ignore_regions}"
+        )
         lines.append("rows not written as objects:" + ("" if self.skipped else " none"))
         lines += [f"  {reason}: {n}" for reason, n in sorted(self.skipped.items())]
         lines.append(f"files changed: {self.files_written}; stale files removed: {self.stale_removed}")

@@ -106,8 +106,12 @@ def make_dataset(
             cv2.imwrite(str(root / "images" / split / f"{split}_{k:05d}.png"), img)
             rows = "".join(f"{c} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
             (root / "labels" / split / f"{split}_{k:05d}.txt").write_text(rows)
-    data = {"path": str(root.resolve()), "train": "images/train", "val": "images/val", "names": dict(enumerate(SHAPES[:nc]))}
+    data = {
+        "path": str(root.resolve()),
+        "train": "images/train",
+        "val": "images/val",
+        "names": dict(enumerate(SHAPES[:nc])),
+    }
     yaml_path = root / "data.yaml"
     yaml_path.write_text(yaml.safe_dump(data, sort_keys=False))
     return yaml_path
-

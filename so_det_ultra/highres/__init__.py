@@ -5,11 +5,30 @@
 - shared helpers (loading, letterbox, NMS/NMM merging, ``Results``) in :mod:`.common`.
 
 Both predictors return one Ultralytics ``Results`` per image. See docs/highres.md.
+
+Owns: inference-time code only (no training, no losses); ``so-det predict`` (:mod:`.cli`), a dense baseline
+(:mod:`.dense`). May import: torch, Ultralytics, OpenCV, :mod:`so_det_ultra.nn` (the ObjectSeeker) and
+:mod:`so_det_ultra.data` (the tile grid, image suffixes). The names below load on first use, so importing
+:mod:`.cli` costs no torch.
 """
 
-from so_det_ultra.highres.patches import Patch, find_centres, make_patches, select_patches
-from so_det_ultra.highres.sliced import sliced_predict, tile_windows
-from so_det_ultra.highres.sparse import SparseModel, sparse_predict
 
-__all__ = ("Patch", "SparseModel", "find_centres", "make_patches", "select_patches", "sliced_predict",
-           "sparse_predict", "tile_windows")
+def __getattr__(name: str):
+    """Load the predictors (they import torch) on first use, so ``so_det_ultra.highres.cli`` stays cheap (PEP 562)."""
+    if name not in __all__:  # also keeps the submodule imports below from recursing into this function
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from so_det_ultra.highres import patches, sliced, sparse
+
+    return next(getattr(m, name) for m in (patches, sliced, sparse) if hasattr(m, name))
+
+
+__all__ = (
+    "Patch",
+    "SparseModel",
+    "find_centres",
+    "make_patches",
+    "select_patches",
+    "sliced_predict",
+    "sparse_predict",
+    "tile_windows",
+)

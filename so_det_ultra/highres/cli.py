@@ -7,36 +7,85 @@ modes with their thresholds as options.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+from so_det_ultra.cliargs import HelpFormatter, kwargs_for, option
 
-def add_parser(sub):
-    p = sub.add_parser("predict", help="sparse (ESOD), sliced or dense prediction on high-resolution images",
-                       description="Predicts on images or folders and saves annotated copies. sparse: the model's "
-                                   "ObjectSeeker picks patches (so-det-esod-*.yaml models); sliced: tiles with overlap "
-                                   "plus a full-frame pass, merged (any detection model); dense: stock YOLO.predict.")
+
+def _sparse():
+    from so_det_ultra.highres.sparse import sparse_predict
+
+    return sparse_predict
+
+
+def _sliced():
+    from so_det_ultra.highres.sliced import sliced_predict
+
+    return sliced_predict
+
+
+def _dense():
+    from so_det_ultra.highres.dense import dense_predict
+
+    return dense_predict
+
+
+MODES = {"sparse": _sparse, "sliced": _sliced, "dense": _dense}  # --mode -> the predictor (imported when used)
+
+
+def add_parser(sub) -> None:
+    """Add ``predict`` to the ``so-det`` sub-parsers ``sub``."""
+    p = sub.add_parser(
+        "predict",
+        help="sparse (ESOD), sliced or dense prediction on high-resolution images",
+        description="Predicts on images or folders and saves annotated copies. sparse: the model's "
+        "ObjectSeeker picks patches (so-det-esod-*.yaml models); sliced: tiles with overlap "
+        "plus a full-frame pass, merged (any detection model); dense: stock YOLO.predict. "
+        "Defaults are those of sparse_predict, sliced_predict and dense_predict.",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--model", required=True, help="checkpoint (.pt) or model YAML")
     p.add_argument("--source", required=True, nargs="+", help="image files or folders")
-    p.add_argument("--mode", choices=("sparse", "sliced", "dense"), default="sparse")
-    p.add_argument("--imgsz", type=int, help="long side of the network input (default: the image's own; sliced: the "
-                                             "full-frame pass, default 640)")
-    p.add_argument("--conf", type=float, default=0.25, help="confidence threshold (default 0.25)")
-    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU (default 0.7)")
-    p.add_argument("--max-det", type=int, default=1000, help="detections kept per image (default 1000)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--mode", choices=tuple(MODES), default="sparse", help="predictor (default sparse)")
+    option(
+        p,
+        "--imgsz",
+        type=int,
+        help="long side of the network input (None: the image's own; sliced: the full-frame pass)",
+        defaults_from=MODES,
+    )
+    option(p, "--conf", type=float, help="confidence threshold", defaults_from=MODES)
+    option(p, "--iou", type=float, help="NMS IoU", defaults_from=MODES)
+    option(p, "--max-det", type=int, help="detections kept per image", defaults_from=MODES)
+    option(p, "--device", help="torch device", defaults_from=MODES)
     g = p.add_argument_group("sparse")
-    g.add_argument("--thr", type=float, default=0.5, help="heatmap threshold for patch centres (default 0.5)")
-    g.add_argument("--patch", type=int, help="patch size in 8-px cells (default: image width / 64)")
-    g.add_argument("--margin", type=int, default=2, help="context cells around each patch (default 2)")
-    g.add_argument("--sparse-head", action="store_true", help="run the Detect head only at heatmap centres")
-    g.add_argument("--head-dilate", type=int, default=2, help="cells around each centre for --sparse-head (default 2)")
+    option(g, "--thr", type=float, help="heatmap threshold for patch centres", defaults_from=_sparse)
+    g.add_argument(
+        "--patch", type=int, default=argparse.SUPPRESS, help="patch size in 8-px cells (default: image width / 64)"
+    )
+    option(g, "--margin", type=int, help="context cells around each patch", defaults_from=_sparse)
+    option(
+        g,
+        "--sparse-head",
+        action="store_true",
+        help="run the Detect head only at heatmap centres",
+        defaults_from=_sparse,
+    )
+    option(g, "--head-dilate", type=int, help="cells around each centre for --sparse-head", defaults_from=_sparse)
     g = p.add_argument_group("sliced")
-    g.add_argument("--tile", type=int, default=640, help="tile size in pixels (default 640)")
-    g.add_argument("--overlap", type=float, default=0.2, help="tile overlap ratio (default 0.2)")
-    g.add_argument("--no-full-frame", action="store_true", help="skip the full-frame pass")
-    g.add_argument("--merge", choices=("nms", "nmm"), default="nms", help="how tiles are merged (default nms)")
-    g.add_argument("--merge-iou", type=float, default=0.5, help="overlap above which tiles' boxes merge (default 0.5)")
+    option(g, "--tile", type=int, help="tile size in pixels", defaults_from=_sliced)
+    option(g, "--overlap", type=float, help="tile overlap ratio", defaults_from=_sliced)
+    g.add_argument(
+        "--no-full-frame",
+        dest="full_frame",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="skip the full-frame pass",
+    )
+    option(g, "--merge", choices=("nms", "nmm"), help="how tiles are merged", defaults_from=_sliced)
+    option(g, "--merge-iou", type=float, help="overlap above which tiles' boxes merge", defaults_from=_sliced)
     g = p.add_argument_group("output")
     g.add_argument("--save-dir", default="runs/so-det-predict", help="output folder (default runs/so-det-predict)")
     g.add_argument("--save-txt", action="store_true", help="also write labels/<image>.txt (class xywhn conf)")
@@ -44,29 +93,9 @@ def add_parser(sub):
 
 
 def predict(a) -> list:
-    if a.mode == "sparse":
-        from so_det_ultra.highres.sparse import sparse_predict
-
-        return sparse_predict(a.model, a.source, imgsz=a.imgsz, thr=a.thr, patch=a.patch, margin=a.margin,
-                              conf=a.conf, iou=a.iou, max_det=a.max_det, sparse_head=a.sparse_head,
-                              head_dilate=a.head_dilate, device=a.device)
-    if a.mode == "sliced":
-        from so_det_ultra.highres.sliced import sliced_predict
-
-        return sliced_predict(a.model, a.source, tile=a.tile, overlap=a.overlap, full_frame=not a.no_full_frame,
-                              imgsz=a.imgsz or 640, conf=a.conf, iou=a.iou, merge=a.merge, merge_iou=a.merge_iou,
-                              max_det=a.max_det, device=a.device)
-    from ultralytics import YOLO
-
-    from so_det_ultra.highres.common import read_images
-
-    model, results = YOLO(a.model), []
-    for path, img in read_images(a.source):
-        r = model.predict(img, imgsz=a.imgsz or max(img.shape[:2]), conf=a.conf, iou=a.iou, max_det=a.max_det,
-                          device=a.device, verbose=False)[0]
-        r.path = path  # predict() on an array names it image0.jpg
-        results.append(r)
-    return results
+    """Run the ``--mode`` predictor with the options given (the others keep the predictor's defaults)."""
+    fn = MODES[a.mode]()
+    return fn(**kwargs_for(fn, a))
 
 
 def run(a) -> int:
@@ -84,7 +113,8 @@ def run(a) -> int:
             (out / "labels").mkdir(exist_ok=True)
             r.save_txt(str(out / "labels" / (Path(name).stem + ".txt")), save_conf=True)
         extra = f", {len(r.patches)} patches" if hasattr(r, "patches") else ""
-        extra += f", {r.n_tiles} tiles + full frame" if hasattr(r, "n_tiles") else ""
+        if hasattr(r, "n_tiles"):
+            extra += f", {r.n_tiles} tiles" + (" + full frame" if getattr(r, "full_frame", False) else "")
         ms = sum(r.speed.get(k, 0) for k in ("preprocess", "inference", "postprocess"))
         print(f"{r.path}: {len(r.boxes)} boxes{extra}, {ms:.0f} ms")
     print(f"saved {len(results)} image(s) to {out}")

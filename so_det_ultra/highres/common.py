@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torchvision
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+from so_det_ultra.data.contract import IMAGE_SUFFIXES, is_image
 
 
 def load_model(model, device="cpu", fuse: bool = True):
@@ -42,9 +42,9 @@ def read_images(source) -> list[tuple[str, np.ndarray]]:
             out.append((f"image{k}.jpg", item))
             continue
         p = Path(item)
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+        files = sorted(f for f in p.iterdir() if is_image(f)) if p.is_dir() else [p]
         if p.is_dir() and not files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {p}")
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
         for f in files:
             img = cv2.imread(str(f))
             if img is None:
@@ -77,13 +77,15 @@ def nms_merge(det: torch.Tensor, iou: float = 0.5, agnostic: bool = False, max_d
     """Class-aware (or agnostic) NMS over ``(N, 6)`` rows ``x1, y1, x2, y2, score, class``; best first."""
     if not len(det):
         return det
-    keep = torchvision.ops.batched_nms(det[:, :4].float(), det[:, 4].float(),
-                                       torch.zeros_like(det[:, 5]) if agnostic else det[:, 5], iou)
+    keep = torchvision.ops.batched_nms(
+        det[:, :4].float(), det[:, 4].float(), torch.zeros_like(det[:, 5]) if agnostic else det[:, 5], iou
+    )
     return det[keep[:max_det]]
 
 
-def nmm_merge(det: torch.Tensor, iou: float = 0.5, agnostic: bool = False, max_det: int = 1000,
-              metric: str = "ios") -> torch.Tensor:
+def nmm_merge(
+    det: torch.Tensor, iou: float = 0.5, agnostic: bool = False, max_det: int = 1000, metric: str = "ios"
+) -> torch.Tensor:
     """Greedy non-maximum merging (SAHI's GREEDYNMM): the best box absorbs every same-class box that overlaps it.
 
     Boxes are visited best first; each unvisited box overlapping the current one by more than ``iou`` (``metric``

@@ -1,18 +1,21 @@
 """ESOD's adaptive patch slicing: from an objectness heatmap to a few fixed-size patches of the frame.
 
-Source: ESOD (Liu et al., IEEE TIP 2024; seed 002; SPEC sec. 3, "AdaSlicer"): centres are heatmap cells >= a threshold
-that are 3x3 local maxima; the stride-8 map is cut into a fixed grid of patches; only grid cells holding a centre are
-kept, each shifted toward its activated cells and clamped to the frame.
+Source: Liu et al., "ESOD: Efficient Small Object Detection on High-Resolution Images", IEEE TIP 2024, sec. 3
+("AdaSlicer"; official code github alibaba/esod; docs/highres.md): centres are heatmap cells >= a threshold that are
+3x3 local maxima; the seeker's map is cut into a fixed grid of patches; only grid cells holding a centre are kept,
+each shifted toward its activated cells and clamped to the frame.
 
-Everything here is in units of heatmap cells (stride 8 for the shipped models) and works on one frame.
+Everything here is in units of heatmap cells and works on one frame. A cell is the seeker's stride in input pixels:
+:class:`~so_det_ultra.highres.sparse.SparseModel` measures it from the model (``SparseModel.cell``);
+:data:`so_det_ultra.nn.esod.SEEKER_STRIDE` (8, backbone P3) is the value for the shipped YAMLs.
 
 Interpretations (the sources leave these open):
     - "shifted toward its activated cells": the patch is centred on the bounding box of the cells >= ``thr`` that lie
       in its grid cell widened by half a patch on every side (so a cluster straddling a grid line pulls the patch
       over it); when that box is wider than a patch (dense activity), on the active cells of the grid cell alone
       (so a uniformly active area is tiled by the grid itself); then clamped into the frame;
-    - patch corners are rounded down to multiples of ``align`` cells (the model's largest stride / 8), so the deeper
-      feature grids of a patch line up with those of the full frame and sparse predictions equal dense ones;
+    - patch corners are rounded down to multiples of ``align`` cells (the model's largest stride / the cell), so the
+      deeper feature grids of a patch line up with those of the full frame and sparse predictions equal dense ones;
     - two grid cells whose shifted patches land on the same place give one patch.
 """
 
@@ -39,7 +42,9 @@ def find_centres(prob: torch.Tensor, thr: float = 0.5) -> torch.Tensor:
 
 
 def select_patches(prob: torch.Tensor, thr: float = 0.5, patch: int = 24, align: int = 2) -> list[tuple[int, int]]:
-    """Top-left (y0, x0) cells of the kept ``patch`` x ``patch`` patches, sorted, for a heatmap ``prob`` (H, W) in [0, 1].
+    """Top-left (y0, x0) cells of the kept ``patch`` x ``patch`` patches, sorted, for a heatmap ``prob`` (H, W).
+
+    ``prob`` holds probabilities in [0, 1].
 
     Example:
         >>> heat = torch.zeros(60, 90); heat[30, 40] = 0.9
@@ -63,7 +68,7 @@ def _centre_on_activity(active, y0, x0, patch):
     half = patch // 2
     for pad in (half, 0):
         oy, ox = max(0, y0 - pad), max(0, x0 - pad)
-        ys, xs = torch.nonzero(active[oy:y0 + patch + pad, ox:x0 + patch + pad], as_tuple=True)
+        ys, xs = torch.nonzero(active[oy : y0 + patch + pad, ox : x0 + patch + pad], as_tuple=True)
         if len(ys) and max(ys.max() - ys.min(), xs.max() - xs.min()) < patch:
             break
     cy = (int(ys.min()) + int(ys.max()) + 1) / 2 + oy

@@ -6,11 +6,13 @@ Sources:
       per-slice detections by NMS or greedy non-maximum merging (NMM).
     - SODA-D protocol: G. Cheng et al., "Towards Large-Scale Small Object Detection: Survey and Benchmarks", TPAMI 2023.
       High-resolution images are cut into 800x800 patches with 150 px overlap and patch detections are merged with NMS
-      at IoU 0.5; ``tile=800, overlap=150 / 800, full_frame=False, merge="nms", merge_iou=0.5`` follows it.
+      at IoU 0.5; ``tile=800, overlap=150 / 800, full_frame=False, merge="nms", merge_iou=0.5`` follows it (the grid:
+      :mod:`so_det_ultra.data.tiling`, shared with the SODA-D converter).
 
 Interpretations (ours, not prescribed by either source):
     - Windows: a regular grid with step ``tile - round(overlap * tile)``; the last row/column is shifted back to end on
-      the border (as SAHI's ``get_slice_bboxes``), so no tile is padded with content that is not in the frame.
+      the border (as SAHI's ``get_slice_bboxes`` in ``sahi/slicing.py``), so no tile is padded with content that is not
+      in the frame.
     - Each tile is fed at native resolution, only padded (letterboxed) to a multiple of the model stride.
     - Per-tile NMS uses the same ``conf``/``iou``/``agnostic`` as the final merge; ``merge_iou`` is separate.
     - The full-frame pass is skipped when a single window already covers the whole frame (as SAHI does).
@@ -31,6 +33,7 @@ import time
 import numpy as np
 import torch
 
+from so_det_ultra.data import tiling
 from so_det_ultra.highres import common
 
 Window = tuple[int, int, int, int]
@@ -38,6 +41,9 @@ Window = tuple[int, int, int, int]
 
 def tile_windows(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list[Window]:
     """Overlapping ``(x0, y0, x1, y1)`` pixel windows covering a ``height`` x ``width`` frame, row by row.
+
+    The grid of :func:`so_det_ultra.data.tiling.tile_windows` (shared with the SODA-D converter), with the overlap
+    given as a fraction of ``tile`` (SAHI's ``overlap_*_ratio``) and rounded to pixels.
 
     Args:
         height (int): Frame height in pixels.
@@ -50,22 +56,29 @@ def tile_windows(height: int, width: int, tile: int = 640, overlap: float = 0.2)
             border, so it may overlap its neighbour by more than ``overlap``.
     """
     if tile < 1 or not 0 <= overlap < 1 or height < 1 or width < 1:
-        raise ValueError(f"need tile >= 1, 0 <= overlap < 1 and a non-empty frame; got {tile=}, {overlap=}, "
-                         f"frame {height}x{width}")
-    step = max(1, tile - round(overlap * tile))
-    th, tw = min(tile, height), min(tile, width)
-    return [(x, y, x + tw, y + th) for y in _starts(height, tile, step) for x in _starts(width, tile, step)]
+        raise ValueError(
+            f"need tile >= 1, 0 <= overlap < 1 and a non-empty frame; got {tile=}, {overlap=}, frame {height}x{width}"
+        )
+    return tiling.tile_windows(height, width, tile, tiling.overlap_pixels(tile, overlap))
 
 
-def _starts(size: int, tile: int, step: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    return [*range(0, size - tile, step), size - tile]
-
-
-def sliced_predict(model, source, *, tile: int = 640, overlap: float = 0.2, full_frame: bool = True,
-                   imgsz: int = 640, conf: float = 0.25, iou: float = 0.5, merge: str = "nms", merge_iou: float = 0.5,
-                   agnostic: bool = False, max_det: int = 1000, batch: int = 4, device="cpu") -> list:
+def sliced_predict(
+    model,
+    source,
+    *,
+    tile: int = 640,
+    overlap: float = 0.2,
+    full_frame: bool = True,
+    imgsz: int = 640,
+    conf: float = 0.25,
+    iou: float = 0.5,
+    merge: str = "nms",
+    merge_iou: float = 0.5,
+    agnostic: bool = False,
+    max_det: int = 1000,
+    batch: int = 4,
+    device="cpu",
+) -> list:
     """Detect on overlapping tiles of each image (plus, optionally, the whole frame) and merge the detections.
 
     Args:
@@ -87,8 +100,9 @@ def sliced_predict(model, source, *, tile: int = 640, overlap: float = 0.2, full
 
     Returns:
         (list[Results]): One per image, boxes in original-image pixels; ``speed`` holds ms per stage ("preprocess",
-            "inference", "postprocess") summed over the passes, ``n_tiles`` the number of tiles (full frame excluded;
-            like ``speed``, it is not carried over by ``Results.cpu()``/``.numpy()``).
+            "inference", "postprocess") summed over the passes, ``n_tiles`` the number of tiles (full frame excluded)
+            and ``full_frame`` whether the full-frame pass ran (like ``speed``, neither is carried over by
+            ``Results.cpu()``/``.numpy()``).
     """
     if merge not in common.MERGERS:
         raise ValueError(f"unknown merge {merge!r}; choose one of {sorted(common.MERGERS)}")
@@ -99,13 +113,14 @@ def sliced_predict(model, source, *, tile: int = 640, overlap: float = 0.2, full
         speed = dict(preprocess=0.0, inference=0.0, postprocess=0.0)
         windows = tile_windows(*img.shape[:2], tile=tile, overlap=overlap)
         det = [d for chunk in _chunks(windows, batch) for d in _detect_tiles(model, img, chunk, speed, **opts)]
-        if full_frame and len(windows) > 1:
+        frame_pass = full_frame and len(windows) > 1
+        if frame_pass:
             det.append(_detect_frame(model, img, imgsz, speed, **opts))
         t = time.perf_counter()
         det = common.merge(torch.cat(det), merge, iou=merge_iou, agnostic=agnostic, max_det=max_det)
         speed["postprocess"] += _ms(t)
         res = common.to_results(det, img, path, model.names, speed=speed)
-        res.n_tiles = len(windows)
+        res.n_tiles, res.full_frame = len(windows), frame_pass
         out.append(res)
     return out
 
@@ -135,7 +150,7 @@ def _detect_tiles(model, img: np.ndarray, windows: list[Window], speed: dict, de
     dets = _infer(model, x, speed, **nms)
     t = time.perf_counter()
     for (x0, y0, x1, y1), d in zip(windows, dets):
-        d[:, :4] = _scale(x, d[:, :4], (y1 - y0, x1 - x0)) + torch.tensor([x0, y0, x0, y0], dtype=d.dtype)
+        d[:, :4] = tiling.to_frame(_scale(x, d[:, :4], (y1 - y0, x1 - x0)), (x0, y0, x1, y1))
     speed["postprocess"] += _ms(t)
     return dets
 

@@ -1,10 +1,12 @@
 """ESOD sparse inference: the stem on the full frame, the rest of the network only on patches the seeker picks.
 
-Source: ESOD (Liu et al., IEEE TIP 2024; seed 002; SPEC sec. 3). Pipeline for one frame:
+Source: Liu et al., "ESOD: Efficient Small Object Detection on High-Resolution Images", IEEE TIP 2024, sec. 3
+(official code github alibaba/esod); summary and measurements in docs/highres.md. Pipeline for one frame:
 
 1. letterbox the frame at full resolution (as dense ``YOLO.predict`` would at the same ``imgsz``);
 2. run the *stem*, every layer up to and including the :class:`~so_det_ultra.nn.esod.ObjectSeeker`, on the whole
-   frame (for so-det-esod: layers 0-5, strides 2-8); the sigmoid of the seeker's logits is the heatmap;
+   frame (for so-det-esod: layers 0-5, strides 2-8); the sigmoid of the seeker's logits is the heatmap, one value per
+   *cell* of ``cell`` pixels, the seeker's stride (measured from the model when it is split; 8 for so-det-esod);
 3. pick patches from the heatmap (:mod:`.patches`); crop every stem output the later layers read (stride 4 and 8
    maps for so-det-esod) at each patch, and run the remaining layers on the batch of crops;
 4. the Detect layer decodes boxes in crop pixels; add each crop's offset, keep the boxes whose centre lies in the
@@ -18,7 +20,8 @@ With ``sparse_head=True`` the Detect layer runs only at the heatmap centres dila
 
 Interpretations: a crop may include a ``margin`` of context around its core (the paper crops patches without one;
 ``margin=0`` is that reading); the sparse head's cells are the 3x3 local maxima >= ``thr`` dilated by
-``head_dilate`` cells (the SPEC's "dilated local maxima"; the dilation is not given, 2 cells = 16 px is ours).
+``head_dilate`` cells (the paper's sparse head works at "dilated local maxima"; the dilation is not given, 2 cells =
+16 px is ours).
 """
 
 from __future__ import annotations
@@ -31,34 +34,66 @@ import torch.nn.functional as F
 from so_det_ultra.highres import common
 from so_det_ultra.highres.patches import find_centres, make_patches, select_patches
 from so_det_ultra.highres.sparse_head import dilate, sparse_detect
+from so_det_ultra.nn.esod import ObjectSeeker, SeekerDetect
 
 
 class SparseModel:
     """A DetectionModel split at its ObjectSeeker into a full-frame stem and a patch-wise remainder.
 
+    The seeker's stride ``cell`` (pixels per heatmap cell) is measured once, with a forward pass of the stem on a
+    blank image, and checked: square, an integer, nesting with the model's largest stride (one divides the other),
+    and a multiple of the stride of every stem output that is cropped (those are cut at whole cells).
+
     Args:
-        model: A DetectionModel (or path / YOLO) whose YAML has one ``ObjectSeeker`` layer fed by stride-8 features.
+        model: A DetectionModel (or path / YOLO) whose YAML has one ``ObjectSeeker`` layer.
+
+    Attributes:
+        cell (int): Seeker stride in input pixels (8 for so-det-esod). align (int): Largest model stride in cells.
     """
 
     def __init__(self, model, device="cpu"):
-        from so_det_ultra.nn.esod import ObjectSeeker
-
         self.model = common.load_model(model, device)
         layers = list(self.model.model)
         found = [m.i for m in layers if isinstance(m, ObjectSeeker)]
         if len(found) != 1:
-            raise ValueError(f"sparse inference needs exactly one ObjectSeeker layer in the model, found {len(found)}; "
-                             "use so-det-esod-*.yaml, or sliced inference for models without a seeker")
+            raise ValueError(
+                f"sparse inference needs exactly one ObjectSeeker layer in the model, found {len(found)}; "
+                "use so-det-esod-*.yaml, or sliced inference for models without a seeker"
+            )
         self.k = found[0]
-        self.stem, self.rest = layers[: self.k + 1], layers[self.k + 1:]
+        self.stem, self.rest = layers[: self.k + 1], layers[self.k + 1 :]
         self.needed = {j for m in self.rest for j in _sources(m) if j <= self.k}  # stem outputs read later
         self.names = self.model.names
         self.stride = common.model_stride(self.model)
-        self.align = max(self.stride // 8, 1)  # cells of 8 px per largest stride
+        self.cell, self.factor = self._measure(device)
+        self.align = max(self.stride // self.cell, 1)  # cells per largest stride: corners snap to the deepest grid
+
+    @torch.no_grad()
+    def _measure(self, device) -> tuple[int, dict]:
+        """Seeker stride in pixels and, per cropped stem output, its map cells per heatmap cell (one stem forward)."""
+        size = 2 * self.stride
+        ch = (getattr(self.model, "yaml", None) or {}).get("channels", 3)
+        y, _ = self.run_stem(torch.zeros(1, ch, size, size, device=device))
+        h, w = y[-1].shape[2:]
+        if h != w or size % h:
+            raise ValueError(f"the ObjectSeeker's output ({h}x{w} on a {size}x{size} input) has no integer stride")
+        cell = size // h
+        if self.stride % cell and cell % self.stride:
+            raise ValueError(f"the model's largest stride {self.stride} and the seeker's stride {cell} do not nest")
+        factor = {}
+        for j in sorted(self.needed):
+            s = size // y[j].shape[2]
+            if s > cell or cell % s:
+                raise ValueError(
+                    f"layer {j} (stride {s}) is read after the seeker but cannot be cut at the seeker's {cell}-px "
+                    "cells: every stem output read later needs a stride that divides the seeker's"
+                )
+            factor[j] = cell // s
+        return cell, factor
 
     @torch.no_grad()
     def run_stem(self, x: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """Outputs of the stem layers on the full frame and the heatmap (H/8, W/8) in [0, 1]."""
+        """Outputs of the stem layers on the full frame and the heatmap (H/cell, W/cell) in [0, 1]."""
         y = []
         for m in self.stem:
             x = _inputs(m, x, y)
@@ -67,15 +102,16 @@ class SparseModel:
         return y, x[0, 0].sigmoid()
 
     @torch.no_grad()
-    def run_patches(self, stem_out: list, image_hw: tuple[int, int], patches, batch: int = 16,
-                    head_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def run_patches(
+        self, stem_out: list, image_hw: tuple[int, int], patches, batch: int = 16, head_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Raw Detect output (1, 4 + nc, N) in frame pixels for anchors whose box centre lies in a patch core.
 
-        ``head_mask`` (H/8, W/8) bool switches on the sparse head: Detect is evaluated only at those cells.
+        ``head_mask`` (H/cell, W/cell) bool switches on the sparse head: Detect is evaluated only at those cells.
         """
         outs = []
         for i in range(0, len(patches), batch):
-            chunk = patches[i:i + batch]
+            chunk = patches[i : i + batch]
             outs.extend(self._to_frame(self._run_chunk(stem_out, image_hw, chunk, head_mask), chunk))
         if not outs:
             return torch.zeros(1, 4 + len(self.names), 0)
@@ -83,7 +119,7 @@ class SparseModel:
 
     def _run_chunk(self, stem_out, image_hw, chunk, head_mask):
         """Per-crop (4 + nc, A) predictions in crop pixels."""
-        crops = [self._crop(t, image_hw, chunk) if j in self.needed else None for j, t in enumerate(stem_out)]
+        crops = [self._crop(t, self.factor[j], chunk) if j in self.needed else None for j, t in enumerate(stem_out)]
         y = crops[-1]
         for m in self.rest[:-1]:
             y = m(_inputs(m, y, crops))
@@ -91,33 +127,31 @@ class SparseModel:
         head = self.rest[-1]
         feats = _inputs(head, y, crops)
         if head_mask is not None:
+            feats = head.split(feats)[0] if isinstance(head, SeekerDetect) else feats
             return sparse_detect(head, feats, _level_masks(head_mask, chunk, feats))
         pred = head(feats)
         return list(pred[0] if isinstance(pred, (tuple, list)) else pred)
 
-    def _crop(self, t, image_hw, patches):
-        s = image_hw[0] // t.shape[2]
-        if s > 8:
-            raise ValueError(f"stem output with stride {s} > 8 cannot be cropped at 8-px patch cells")
-        f = 8 // s
-        return torch.cat([t[..., p.crop[0] * f:p.crop[2] * f, p.crop[1] * f:p.crop[3] * f] for p in patches])
-
     @staticmethod
-    def _to_frame(preds, patches):
+    def _crop(t, f, patches):
+        """The crops of ``patches`` (in heatmap cells) from a stem output with ``f`` map cells per heatmap cell."""
+        return torch.cat([t[..., p.crop[0] * f : p.crop[2] * f, p.crop[1] * f : p.crop[3] * f] for p in patches])
+
+    def _to_frame(self, preds, patches):
         out = []
         for y, p in zip(preds, patches):
             y = y.clone()
-            y[0] += p.crop[1] * 8
-            y[1] += p.crop[0] * 8
-            cy0, cx0, cy1, cx1 = (v * 8 for v in p.core)
+            y[0] += p.crop[1] * self.cell
+            y[1] += p.crop[0] * self.cell
+            cy0, cx0, cy1, cx1 = (v * self.cell for v in p.core)
             inside = (y[0] >= cx0) & (y[0] < cx1) & (y[1] >= cy0) & (y[1] < cy1)
             out.append(y[:, inside])
         return out
 
 
-def _level_masks(mask8, patches, feats):
-    """The stride-8 ``mask8`` cut at each crop and brought to each head level's grid: a list of (B, H_i, W_i)."""
-    m = torch.stack([mask8[p.crop[0]:p.crop[2], p.crop[1]:p.crop[3]] for p in patches])
+def _level_masks(mask, patches, feats):
+    """The heatmap-grid ``mask`` cut at each crop and brought to each head level's grid: a list of (B, H_i, W_i)."""
+    m = torch.stack([mask[p.crop[0] : p.crop[2], p.crop[1] : p.crop[3]] for p in patches])
     out = []
     for f in feats:
         r = f.shape[2] / m.shape[1]
@@ -129,7 +163,7 @@ def _level_masks(mask8, patches, feats):
 
 
 def _sources(m):
-    """Absolute indices of the layers ``m`` reads (negative ``from`` counts back from ``m``: -1 is the previous layer)."""
+    """Absolute indices of the layers ``m`` reads (a negative ``from`` counts back: -1 is the previous layer)."""
     return [m.i + j if j < 0 else j for j in ([m.f] if isinstance(m.f, int) else m.f)]
 
 
@@ -148,13 +182,27 @@ def _centre_mask(prob, thr, r):
 
 
 def default_patch(cells_w: int, align: int) -> int:
-    """ESOD's default patch: an eighth of the frame width, in cells, rounded to ``align`` (at least 4 aligns)."""
+    """ESOD's default patch: an eighth of the frame width in heatmap cells, rounded to ``align`` (at least 4 aligns)."""
     return max(round(cells_w / 8 / align) * align, 4 * align)
 
 
-def sparse_predict(model, source, *, imgsz=None, thr: float = 0.5, patch: int | None = None, margin: int = 2,
-                   conf: float = 0.25, iou: float = 0.7, max_det: int = 1000, batch: int = 16, heatmap=None,
-                   sparse_head: bool = False, head_dilate: int = 2, device="cpu") -> list:
+def sparse_predict(
+    model,
+    source,
+    *,
+    imgsz=None,
+    thr: float = 0.5,
+    patch: int | None = None,
+    margin: int = 2,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    max_det: int = 1000,
+    batch: int = 16,
+    heatmap=None,
+    sparse_head: bool = False,
+    head_dilate: int = 2,
+    device="cpu",
+) -> list:
     """ESOD sparse inference on each image of ``source``; returns Ultralytics ``Results``.
 
     Args:
@@ -162,11 +210,12 @@ def sparse_predict(model, source, *, imgsz=None, thr: float = 0.5, patch: int | 
         source: Image path, folder, array, or a list of those.
         imgsz (int, optional): Long side of the network input; None keeps the image's own resolution.
         thr (float): Heatmap threshold for patch centres and activated cells.
-        patch (int, optional): Patch core size in heatmap cells (8 px); None = width / 8 (ESOD's choice).
+        patch (int, optional): Patch core size in heatmap cells (``SparseModel.cell`` px, 8 for so-det-esod);
+            None = width / 8 (ESOD's choice).
         margin (int): Context cells added around each core in the crop the network sees.
         conf, iou, max_det: NMS settings, as in ``YOLO.predict``.
         batch (int): Patches per forward pass.
-        heatmap (callable, optional): ``heatmap(index, path, input_hw, cells_hw) -> (H/8, W/8) tensor`` replacing the
+        heatmap (callable, optional): ``heatmap(index, path, input_hw, cells_hw) -> cells_hw tensor`` replacing the
             seeker's (an oracle for benchmarks).
         sparse_head (bool): Evaluate the Detect head only at heatmap centres dilated by ``head_dilate`` cells
             (ESOD's sparse head; :mod:`.sparse_head`) instead of on every cell of each patch.
@@ -194,8 +243,13 @@ def sparse_predict(model, source, *, imgsz=None, thr: float = 0.5, patch: int | 
         raw = sm.run_patches(stem_out, tuple(x.shape[2:]), patches, batch, head_mask)
         t4 = time.perf_counter()
         det = non_max_suppression(raw, conf, iou, max_det=max_det, max_time_img=60.0)[0]
-        speed = {"preprocess": t1 - t0, "stem": t2 - t1, "select": t3 - t2, "patches": t4 - t3,
-                 "postprocess": time.perf_counter() - t4}
+        speed = {
+            "preprocess": t1 - t0,
+            "stem": t2 - t1,
+            "select": t3 - t2,
+            "patches": t4 - t3,
+            "postprocess": time.perf_counter() - t4,
+        }
         speed = {k: v * 1000 for k, v in speed.items()}
         speed["inference"] = speed["stem"] + speed["select"] + speed["patches"]
         res = common.to_results(det, img, path, sm.names, tuple(x.shape[2:]), speed)

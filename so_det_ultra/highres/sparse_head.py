@@ -1,9 +1,11 @@
 """ESOD's sparse detection head: an Ultralytics ``Detect`` evaluated only at chosen grid cells.
 
-Source: ESOD (Liu et al., IEEE TIP 2024; seed 002; SPEC sec. 3): "sparse head: head convs evaluated only at dilated
-local maxima of the heatmap". The results at the chosen cells are exactly those of the dense head (same weights, same
-zero padding at the map border): each conv of a branch is computed only where a later layer needs it (the chosen cells
-dilated by the receptive radius still to come), as one matrix product over the gathered k x k windows.
+Source: Liu et al., "ESOD: Efficient Small Object Detection on High-Resolution Images", IEEE TIP 2024, sec. 3 (sparse
+detection head; official code github alibaba/esod; docs/highres.md): the head's convs are evaluated only at dilated
+local maxima of the seeker's heatmap. The results at the chosen cells are exactly those of the dense head (same
+weights, same zero padding at the map border): each conv of a branch is computed only where a later layer needs it
+(the chosen cells dilated by the receptive radius still to come), as one matrix product over the gathered k x k
+windows.
 
 Works with Ultralytics' ``Detect`` (one-to-many branch, ``cv2`` box and ``cv3`` class branches made of stride-1
 ``Conv``/``DWConv``/``nn.Conv2d``, fused or not); end-to-end (one-to-one) heads are refused.
@@ -21,8 +23,13 @@ def leaves(module: nn.Module) -> list[nn.Module]:
     if isinstance(module, nn.Sequential):
         return [leaf for m in module for leaf in leaves(m)]
     conv = getattr(module, "conv", module)
-    if not isinstance(conv, nn.Conv2d) or conv.stride != (1, 1) or conv.dilation != (1, 1) \
-            or conv.padding != (conv.kernel_size[0] // 2,) * 2 or conv.kernel_size[0] != conv.kernel_size[1]:
+    if (
+        not isinstance(conv, nn.Conv2d)
+        or conv.stride != (1, 1)
+        or conv.dilation != (1, 1)
+        or conv.padding != (conv.kernel_size[0] // 2,) * 2
+        or conv.kernel_size[0] != conv.kernel_size[1]
+    ):
         raise ValueError(f"sparse head supports stride-1 'same' square convs only, got {module}")
     return [module]
 
@@ -86,7 +93,7 @@ def branch_at(branch: nn.Module, x: torch.Tensor, mask: torch.Tensor, cells: dic
     r = radii[0]
     p = F.pad(x.permute(0, 2, 3, 1), (0, 0, r, r, r, r))
     for j, leaf in enumerate(layers):
-        grow = sum(radii[j + 1:])
+        grow = sum(radii[j + 1 :])
         if grow not in cells:
             cells[grow] = dilate(mask, grow).nonzero()
         out = _apply(leaf, _windows(p, cells[grow], radii[j]))

@@ -1,45 +1,47 @@
-"""The only package that touches Ultralytics internals. Everything it changes is listed in :data:`PATCHES`.
+"""The only package that touches Ultralytics internals; every change it makes is recorded in :data:`PATCHES`.
 
-``install()`` runs once per process, right after ``ultralytics.nn.tasks`` has been imported (see ``_bootstrap``):
+Owns: the registration of so-det-ultra with Ultralytics (and torch's safe-loading allow-list), and its undoing. May
+import anything: Ultralytics internals, torch, :mod:`so_det_ultra.registry`, and the packages whose objects it plugs in
+(:mod:`so_det_ultra.nn` for blocks, :mod:`so_det_ultra.losses`, :mod:`so_det_ultra.metrics.hooks` for callbacks).
+Nothing else in so-det-ultra patches Ultralytics.
 
-- ``parse_model``: recompiled with the block lookup and channel-rule branch (:mod:`.parser`).
-- ``check_file``: bare names of our shipped YAMLs (``so-det-s.yaml``, ``visdrone.yaml``) resolve to ``cfg/`` when no
-  local file of that name exists (:mod:`.names`).
-- ``guess_model_scale``: ``<family>-<scale>.yaml`` names of our model families give their scale letter.
-- ``DetectionModel.init_criterion``/``RTDETRDetectionModel.init_criterion``: a model YAML's ``loss:`` section picks a
-  registered criterion (:mod:`.losses`); without it, Ultralytics' own.
-- ``guess_model_task``: ``YOLO()`` on a YAML whose head is one of our RT-DETR decoders says to use ``RTDETR``
-  (:mod:`.rtdetr`).
-- ``default_callbacks``: functions appended to Ultralytics' default callback table (:mod:`.callbacks`).
-- ``torch.serialization.add_safe_globals``: every registered class, so ``ULTRALYTICS_SAFE_LOAD=1`` loads our
-  checkpoints (a public torch API; listed for completeness).
+``install()`` runs once per process, right after ``ultralytics.nn.tasks`` has been imported (see ``_bootstrap``), and
+records each change in :data:`PATCHES` (a :class:`~.ledger.Ledger`: ``target -> Change`` with the original object
+and what undoes it). The changes, by module:
+
+- :mod:`.parser`: ``ultralytics.nn.tasks.parse_model`` recompiled with the block lookup and channel-rule branch; the
+  one global it calls, ``ultralytics.nn.tasks._so_det_ultra_parse``, added.
+- :mod:`.names`: ``ultralytics.utils.checks.check_file`` (bare names of our shipped YAMLs, ``so-det-s.yaml``,
+  ``visdrone.yaml``, resolve to ``cfg/`` when no local file of that name exists) and
+  ``ultralytics.nn.tasks.guess_model_scale`` (``<family>-<scale>.yaml`` names give their scale letter).
+- :mod:`.losses`: ``DetectionModel.init_criterion`` and ``RTDETRDetectionModel.init_criterion``: a model YAML's
+  ``loss:`` section picks a registered criterion; without it, Ultralytics' own.
+- :mod:`.rtdetr`: ``ultralytics.nn.tasks.guess_model_task``: ``YOLO()`` on a YAML whose head is one of our RT-DETR
+  decoders says to use ``RTDETR``.
+- :mod:`.callbacks`: functions appended to ``ultralytics.utils.callbacks.base.default_callbacks`` (one entry each).
+- :mod:`.serialization`: every registered class added to torch's weights-only allow-list
+  (``torch.serialization.add_safe_globals``), so ``ULTRALYTICS_SAFE_LOAD=1`` loads our checkpoints (one entry each).
 
 Functions Ultralytics imports by value (``from ultralytics.nn.tasks import yaml_model_load``) are replaced in every
 already-imported ``ultralytics.*`` module that holds the original object, so the order of imports does not matter.
+``uninstall()`` reverts every recorded change (newest first), after which ``install()`` may run again. Trainers,
+validators and models created while installed keep what they copied (their callbacks, their criterion).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import warnings
 
 from so_det_ultra.integration import version
+from so_det_ultra.integration.ledger import Change, Ledger
 
-PATCHES = {}  # "module.function" -> original object, filled by install()
+PATCHES = Ledger()  # every change install() made: target -> Change (see module docstring)
 _lock = threading.RLock()
 _state = {"done": False}
 
-
-def replace_everywhere(module, name, new):
-    """Set ``module.name = new`` and rebind every ``ultralytics.*`` module attribute that holds the original."""
-    original = getattr(module, name)
-    PATCHES[f"{module.__name__}.{name}"] = original
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("ultralytics") and getattr(mod, name, None) is original:
-            setattr(mod, name, new)
-    setattr(module, name, new)
+__all__ = ("PATCHES", "Change", "Ledger", "install", "installed", "uninstall")
 
 
 def install(strict: bool = False):
@@ -60,19 +62,28 @@ def install(strict: bool = False):
             return
         from so_det_ultra.integration import callbacks, losses, names, parser, rtdetr, serialization
 
-        import ultralytics.nn.tasks as tasks
-        import ultralytics.utils.checks as checks
-
-        setattr(tasks, parser.HOOK_NAME, parser.ParseHooks)
-        patched = parser.build_parse_model(tasks.parse_model, tasks)
-        replace_everywhere(tasks, "parse_model", parser.wrap_parse_model(patched))
-        replace_everywhere(checks, "check_file", names.wrap_check_file(checks.check_file))
-        replace_everywhere(tasks, "guess_model_scale", names.wrap_guess_model_scale(tasks.guess_model_scale))
-        losses.install()
-        callbacks.install()
-        serialization.install()
-        rtdetr.install()
+        try:
+            for part in (parser, names, losses, callbacks, serialization, rtdetr):
+                part.install(PATCHES)
+        except BaseException:
+            _undo()
+            raise
         _state["done"] = True
+
+
+def uninstall():
+    """Revert every change :func:`install` made (each attribute holds its original object again); idempotent."""
+    with _lock:
+        if _state["done"]:
+            _undo()
+            _state["done"] = False
+
+
+def _undo():
+    from so_det_ultra.integration import serialization
+
+    serialization.uninstall()
+    PATCHES.undo()
 
 
 def installed() -> bool:

@@ -51,13 +51,11 @@ def wrap_init_criterion(original):
     return init_criterion
 
 
-def install():
+def install(ledger):
+    """Wrap ``init_criterion`` of the two model classes the detect and RT-DETR trainers build."""
     from ultralytics.nn.tasks import DetectionModel, RTDETRDetectionModel
-
-    from so_det_ultra.integration import PATCHES
 
     for cls in (DetectionModel, RTDETRDetectionModel):
         fn = cls.__dict__["init_criterion"]
         if not getattr(fn, "__so_det_ultra__", False):
-            PATCHES[f"{cls.__module__}.{cls.__qualname__}.init_criterion"] = fn
-            cls.init_criterion = wrap_init_criterion(fn)
+            ledger.set_class_attr(cls, "init_criterion", wrap_init_criterion(fn))

@@ -32,3 +32,12 @@ def wrap_guess_model_scale(guess):
         return guess(model_path) or paths.family_scale(model_path)
 
     return wrapper
+
+
+def install(ledger):
+    """Rebind ``check_file`` and ``guess_model_scale`` to the wrappers above."""
+    import ultralytics.nn.tasks as tasks
+    import ultralytics.utils.checks as checks
+
+    ledger.rebind(checks, "check_file", wrap_check_file(checks.check_file))
+    ledger.rebind(tasks, "guess_model_scale", wrap_guess_model_scale(tasks.guess_model_scale))

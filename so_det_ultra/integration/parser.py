@@ -104,9 +104,11 @@ def build_parse_model(original, module):
     ast.increment_lineno(tree, first - 1)
     fn = tree.body[0]
     assigned = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    missing = {"width", "max_channels", "scale", "ch", "args", "n", "i", "f", "m", "legacy", "d"} - assigned - {
-        a.arg for a in fn.args.args
-    }
+    missing = (
+        {"width", "max_channels", "scale", "ch", "args", "n", "i", "f", "m", "legacy", "d"}
+        - assigned
+        - {a.arg for a in fn.args.args}
+    )
     edit = _Edit()
     edit.visit(fn)
     if edit.lookups != 1 or edit.fallbacks != 1 or missing:
@@ -153,3 +155,11 @@ def wrap_parse_model(parse):
         return parse(apply_c3k_scales(d), ch, verbose)
 
     return parse_model
+
+
+def install(ledger):
+    """Add the hook global to ``ultralytics.nn.tasks`` and rebind its ``parse_model`` to the recompiled one."""
+    import ultralytics.nn.tasks as tasks
+
+    ledger.add_global(tasks, HOOK_NAME, ParseHooks)
+    ledger.rebind(tasks, "parse_model", wrap_parse_model(build_parse_model(tasks.parse_model, tasks)))

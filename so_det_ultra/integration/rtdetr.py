@@ -33,16 +33,16 @@ def wrap_guess_model_task(guess):
         head = _our_rtdetr_head(model) if isinstance(model, dict) else None
         if head is not None:
             file = model.get("yaml_file", "the model YAML")
-            raise TypeError(f"{file} is an RT-DETR model (head {head}); build it with `from ultralytics import RTDETR; "
-                            f"RTDETR('{file}')` (the CLI routes names containing 'rtdetr' to RT-DETR automatically)")
+            raise TypeError(
+                f"{file} is an RT-DETR model (head {head}); build it with `from ultralytics import RTDETR; "
+                f"RTDETR('{file}')` (the CLI routes names containing 'rtdetr' to RT-DETR automatically)"
+            )
         return guess(model)
 
     return guess_model_task
 
 
-def install():
+def install(ledger):
     import ultralytics.nn.tasks as tasks
 
-    from so_det_ultra.integration import replace_everywhere
-
-    replace_everywhere(tasks, "guess_model_task", wrap_guess_model_task(tasks.guess_model_task))
+    ledger.rebind(tasks, "guess_model_task", wrap_guess_model_task(tasks.guess_model_task))

@@ -1,8 +1,9 @@
 """Better Sampling for RT-DETR: scale-aligned target (ST), sample reweighting (SR), sample point refinement (SPR).
 
-Source: Huang et al., "Better Sampling, towards Better End-to-end Small Object Detection" (seed 004; SPEC sec. 6),
-sec. 4, eqs. 5-22. Switched on and tuned from the model YAML (the shared ``loss:`` mechanism,
-``so_det_ultra/integration/losses.py``); a switch that is absent (or ``false``) is off, ``true`` takes the defaults::
+Source: Huang, Zhang, Jin, Wu, Liu and Jin, "Better Sampling, towards Better End-to-end Small Object Detection",
+sec. 4, eqs. 5-22 (summary and our readings in docs/detr.md). Switched on and tuned from the model YAML (the shared
+``loss:`` mechanism, ``so_det_ultra/integration/losses.py``); a switch that is absent (or ``false``) is off, ``true``
+takes the defaults::
 
     loss:
       type: BetterSampling
@@ -11,9 +12,11 @@ sec. 4, eqs. 5-22. Switched on and tuned from the model YAML (the shared ``loss:
       spr: {eta: [1.5, 1.3, 1.2, 1.1, 1.05, 1.0], w_offset: 1.0, w_atten: 1.0}   # eqs. 5-6
 
 With no switch on, :class:`BetterSampling` equals Ultralytics' ``RTDETRDetectionLoss(nc, use_vfl=True)`` (a test).
-ST works on any RT-DETR; SR and SPR need the decoder to be :class:`~so_det_ultra.nn.detr.SamplingRTDETRDecoder`.
-The formulas are plain functions (:func:`scale_aligned_target`, :func:`sample_reweight`, :func:`spr_losses`) so they can
-be tested on hand-computed values.
+ST works on any RT-DETR; SR and SPR need the decoder to be :class:`~so_det_ultra.nn.detr.SamplingRTDETRDecoder`, which
+returns its sampling records in ``dn_meta["sampling"]``; SR also needs the generator built by the decoder's YAML row
+(``[..., SamplingRTDETRDecoder, [nc, ..., {sr: true}]]``). The formulas are plain functions
+(:func:`scale_aligned_target`, :func:`sample_reweight`, :func:`spr_losses`) so they can be tested on hand-computed
+values.
 """
 
 from __future__ import annotations
@@ -23,16 +26,21 @@ import torch.nn.functional as F
 from ultralytics.models.utils.loss import RTDETRDetectionLoss
 from ultralytics.utils.metrics import bbox_iou
 
-from so_det_ultra.nn.detr import SamplingRTDETRDecoder
+from so_det_ultra.nn.detr import SAMPLING_KEY, SamplingRTDETRDecoder
 from so_det_ultra.registry import register_loss
 
 ST_DEFAULTS = {"beta": 0.73, "theta": 6.0}
-SR_DEFAULTS = {"alpha": 0.5, "gamma": 1.5, "detach_features": True}
+SR_DEFAULTS = {"alpha": 0.5, "gamma": 1.5}
 SPR_DEFAULTS = {"eta": (1.5, 1.3, 1.2, 1.1, 1.05, 1.0), "w_offset": 1.0, "w_atten": 1.0}
 
 
-def scale_aligned_target(pred_xywh: torch.Tensor, gt_xywh: torch.Tensor, beta: float = 0.73, theta: float = 6.0,
-                         s: float | torch.Tensor = 1.0) -> torch.Tensor:
+def scale_aligned_target(
+    pred_xywh: torch.Tensor,
+    gt_xywh: torch.Tensor,
+    beta: float = 0.73,
+    theta: float = 6.0,
+    s: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
     """ST target score (paper eqs. 7-15): ``t = u^beta * v^(1 - beta) * s``.
 
     ``u = IoU(pred, gt)``, ``rho = area(pred) / area(gt)``, ``v = exp(-theta * (sqrt(rho) - 1)^2)``.
@@ -70,7 +78,8 @@ def spr_losses(offsets: torch.Tensor, attn_logits: torch.Tensor, eta: float, n_p
 
     A sampling point of RT-DETR's deformable attention sits at ``ref_xy + offsets / n_points * ref_wh / 2``, where
     ``ref`` is the box the previous layer predicted for that query (paper: "w_i, h_i ... of the previous layer"). In
-    units of that box the point is at ``d = offsets / (2 * n_points)``; it is inside the box iff ``|d_x|, |d_y| <= 1/2``.
+    units of that box the point is at ``d = offsets / (2 * n_points)``; it is inside the box iff
+    ``|d_x|, |d_y| <= 1/2``.
 
     ::
 
@@ -111,15 +120,21 @@ def _switch(value, defaults: dict, name: str) -> dict | None:
         return None
     if value is True:
         return dict(defaults)
+    if name == "sr" and isinstance(value, dict) and "detach_features" in value:
+        raise ValueError(
+            "BetterSampling `sr: detach_features` is an option of the decoder now, not of the loss: write it in the "
+            "decoder's YAML row, e.g. `[nc, ..., {sr: true, sr_detach: false}]`"
+        )
     if not isinstance(value, dict) or set(value) - set(defaults):
-        raise ValueError(f"BetterSampling `{name}:` must be true/false or a mapping with keys {sorted(defaults)}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"BetterSampling `{name}:` must be true/false or a mapping with keys {sorted(defaults)}, got {value!r}"
+        )
     return {**defaults, **value}
 
 
 @register_loss
 class BetterSampling(RTDETRDetectionLoss):
-    """Ultralytics' RT-DETR loss (Hungarian matching, VFL, L1 + GIoU, denoising) with the three Better Sampling switches.
+    """Ultralytics' RT-DETR loss (Hungarian matching, VFL, L1 + GIoU, denoising) with Better Sampling's ST, SR, SPR.
 
     Per prediction layer (encoder top-k, each decoder layer, each denoising layer), with matched positives ``i``,
     their target ``t_i`` and ``num_gts`` objects in the batch::
@@ -132,15 +147,19 @@ class BetterSampling(RTDETRDetectionLoss):
       decoder layers' object queries; negatives keep ``alpha p^gamma`` with the paper's ``alpha = 0.5, gamma = 1.5``
       (everywhere, as the paper's Table 6 tunes them with SR). Without SR, ``r = 1`` and Ultralytics'
       ``alpha = 0.25``.
-    - **SPR** (``spr``): adds ``w_offset * L_offset + w_atten * L_atten`` (:func:`spr_losses`), averaged over each decoder
-      layer's positive object queries and summed over decoder layers; ``eta[j]`` for layer ``j``.
+    - **SPR** (``spr``): adds ``w_offset * L_offset + w_atten * L_atten`` (:func:`spr_losses`), averaged over each
+      decoder layer's positive object queries and summed over decoder layers; ``eta[j]`` for layer ``j``.
+
+    The sampling records SR and SPR need (offsets, attention logits, SR weights) come with the predictions, in
+    ``dn_meta["sampling"]`` (see :class:`~so_det_ultra.nn.detr.SamplingRTDETRDecoder`); a batch without them (no
+    objects, so no denoising groups and no positives) gets the ST/VFL terms only.
 
     Interpretation (SR): the paper does not say how the generator learns. Here its parameters get the gradient of the
     reweighted loss (``r`` is not detached; ``|t - s|`` is), and its inputs ``H_cls``/``H_reg`` are detached
-    (``detach_features``), so SR cannot reshape the detector's features. Since ``w = sigmoid(ReLU(.)) >= 0.5`` the
-    generator can discount an easy positive at most 2x. ``H_cls`` is the decoder layer's output (the input of
-    Ultralytics' one-layer score head) and ``H_reg`` the last hidden activation of the box MLP. ``s`` of eq. 19 is the
-    predicted probability of the object's class.
+    (the decoder row's ``sr_detach``, default true), so SR cannot reshape the detector's features. Since
+    ``w = sigmoid(ReLU(.)) >= 0.5`` the generator can discount an easy positive at most 2x. ``H_cls`` is the decoder
+    layer's output (the input of Ultralytics' one-layer score head) and ``H_reg`` the last hidden activation of the box
+    MLP. ``s`` of eq. 19 is the predicted probability of the object's class.
     Interpretation (SPR): only the object queries' positives (not denoising queries); if ``eta`` has more entries than
     the decoder has layers, the *last* ``ndl`` are used (the final layer keeps eta = 1.0).
     Extra keys ``loss_offset``/``loss_atten`` are added to the returned dict (RT-DETR's model sums every key).
@@ -151,83 +170,109 @@ class BetterSampling(RTDETRDetectionLoss):
     """
 
     def __init__(self, model, st=None, sr=None, spr=None, gains=None):
-        self.st, self.sr, self.spr = (_switch(v, d, n) for v, d, n in
-                                      ((st, ST_DEFAULTS, "st"), (sr, SR_DEFAULTS, "sr"), (spr, SPR_DEFAULTS, "spr")))
+        self.st, self.sr, self.spr = (
+            _switch(v, d, n)
+            for v, d, n in ((st, ST_DEFAULTS, "st"), (sr, SR_DEFAULTS, "sr"), (spr, SPR_DEFAULTS, "spr"))
+        )
         gains = {"class": 1.0, "bbox": 5.0, "giou": 2.0, **(gains or {})}
         a, g = (self.sr["alpha"], self.sr["gamma"]) if self.sr else (0.25, 1.5)
         head = model.model[-1]
         super().__init__(nc=head.nc, loss_gain=gains, use_vfl=True, gamma=g, alpha=a)
+        self._check_head(head)
+        self.ndl = head.num_decoder_layers  # the last ndl prediction layers are the decoder's
+        if self.spr:
+            self.eta = [float(e) for e in self.spr["eta"]][-self.ndl :]
+            self.n_points = head.decoder.layers[0].cross_attn.n_points
+
+    def _check_head(self, head):
+        """The decoder can provide what the switches need; ValueError naming the YAML change otherwise."""
         if (self.sr or self.spr) and not isinstance(head, SamplingRTDETRDecoder):
-            raise ValueError(f"BetterSampling sr/spr need the decoder to be SamplingRTDETRDecoder, got "
-                             f"{type(head).__name__}: replace RTDETRDecoder by SamplingRTDETRDecoder in the model YAML "
-                             "(same arguments), or use only `st`")
+            raise ValueError(
+                f"BetterSampling sr/spr need the decoder to be SamplingRTDETRDecoder, got "
+                f"{type(head).__name__}: replace RTDETRDecoder by SamplingRTDETRDecoder in the model YAML "
+                "(same arguments), or use only `st`"
+            )
         if self.sr and head.sr_gen is None:
-            raise ValueError("BetterSampling `sr` is on but the decoder has no weight generator; it is built from the "
-                             "model YAML's `loss:` section when the model is created, so rebuild the model from the YAML")
+            raise ValueError(
+                "BetterSampling `sr` is on but the decoder was built without SR's weight generator: end the "
+                "decoder's YAML row with `{sr: true}`, e.g. `- [[21, 17, 20], 1, SamplingRTDETRDecoder, "
+                "[nc, 256, 500, {sr: true}]]`, and rebuild the model from the YAML"
+            )
+        if (self.sr or self.spr) and head.num_denoising <= 0:
+            raise ValueError(
+                "BetterSampling sr/spr read the decoder's sampling records from the denoising metadata, which exists "
+                f"only with denoising queries; the decoder has nd={head.num_denoising}, set nd > 0 (RT-DETR: 100)"
+            )
         if self.st and not (0 <= self.st["beta"] <= 1 and self.st["theta"] >= 0):
             raise ValueError(f"BetterSampling st needs 0 <= beta <= 1 and theta >= 0, got {self.st}")
         if self.spr:
             eta, ndl = [float(e) for e in self.spr["eta"]], head.num_decoder_layers
             if len(eta) < ndl or min(eta) < 1:
-                raise ValueError(f"BetterSampling spr.eta needs >= {ndl} values (one per decoder layer), all >= 1; "
-                                 f"got {eta}")
-            self.eta = eta[len(eta) - ndl:]
-            self.n_points = head.decoder.layers[0].cross_attn.n_points
-        self._head = [head]  # a list: not a submodule (the model owns the criterion, not the reverse)
-        self._layer = None  # (decoder layer index or -1, sampling dict or None) of the layer being scored
-        self._spr = []
+                raise ValueError(
+                    f"BetterSampling spr.eta needs >= {ndl} values (one per decoder layer), all >= 1; got {eta}"
+                )
 
     def forward(self, preds, batch, dn_bboxes=None, dn_scores=None, dn_meta=None):
-        """Same inputs and outputs as ``RTDETRDetectionLoss.forward``, plus ``loss_offset``/``loss_atten`` with SPR."""
-        sampling = getattr(self._head[0], "sampling", None)  # set by a training forward of SamplingRTDETRDecoder
-        if sampling is not None:
-            self._head[0].sampling = None  # consumed: drop the graph references
-        if sampling is not None and dn_meta is not None:  # keep the object queries (denoising queries come first)
-            n_dn = dn_meta["dn_num_split"][0]
-            sampling = {k: None if v is None else v[:, :, n_dn:] for k, v in sampling.items()}
+        """Same inputs and outputs as ``RTDETRDetectionLoss.forward``, plus ``loss_offset``/``loss_atten`` with SPR.
+
+        ``dn_meta["sampling"]``, when present, holds the decoder's sampling records for these predictions.
+        """
+        sampling = _object_queries((dn_meta or {}).get(SAMPLING_KEY), dn_meta)
         pred_bboxes, pred_scores = preds
         self.device = pred_bboxes.device
         gts = batch["cls"], batch["bboxes"], batch["gt_groups"]
-        first_dec = len(pred_bboxes) - self._head[0].num_decoder_layers  # encoder top-k layer(s) come first
-        self._spr = []
-        loss = self._all_layers(pred_bboxes, pred_scores, gts, "", None, sampling, first_dec)
+        first_dec = len(pred_bboxes) - self.ndl  # encoder top-k layer(s) come first
+        loss, spr = self._all_layers(pred_bboxes, pred_scores, gts, "", None, sampling, first_dec)
         if dn_meta is not None:
             match = self.get_dn_match_indices(dn_meta["dn_pos_idx"], dn_meta["dn_num_group"], dn_meta["dn_gt_idx"])
-            loss.update(self._all_layers(dn_bboxes, dn_scores, gts, "_dn", match, None, 0))
+            loss.update(self._all_layers(dn_bboxes, dn_scores, gts, "_dn", match, None, 0)[0])
         else:
             loss.update({f"{k}_dn": torch.tensor(0.0, device=self.device) for k in loss})
         if self.spr:
             zero = pred_bboxes.sum() * 0
-            loss["loss_offset"] = sum((x[0] for x in self._spr), zero) * self.spr["w_offset"]
-            loss["loss_atten"] = sum((x[1] for x in self._spr), zero) * self.spr["w_atten"]
+            loss["loss_offset"] = sum((x[0] for x in spr), zero) * self.spr["w_offset"]
+            loss["loss_atten"] = sum((x[1] for x in spr), zero) * self.spr["w_atten"]
         return loss
 
     def _all_layers(self, bboxes, scores, gts, postfix, match_indices, sampling, first_dec):
-        """Main (last layer) and auxiliary (summed over the others) terms, named as Ultralytics names them."""
-        out, aux = {}, torch.zeros(3, device=self.device)
+        """Main (last layer) and auxiliary (summed over the others) terms, named as Ultralytics names them.
+
+        Returns:
+            (tuple[dict, list]): The loss terms, and the per-decoder-layer SPR terms ``(L_offset, L_atten)``.
+        """
+        out, aux, spr = {}, torch.zeros(3, device=self.device), []
         last = len(bboxes) - 1
         for k in [last, *range(last)] if self.aux_loss else [last]:
-            self._layer = (k - first_dec, sampling)
-            terms = self._get_loss(bboxes[k], scores[k], gts[1], gts[0], gts[2], postfix, match_indices)
+            layer = k - first_dec if sampling is not None and k >= first_dec else None
+            terms, spr_k = self._layer_loss(bboxes[k], scores[k], gts, postfix, match_indices, sampling, layer)
+            spr += [spr_k] if spr_k is not None else []
             if k == last:
                 out.update(terms)
             else:
                 aux += torch.stack([terms[f"loss_{n}{postfix}"] for n in ("class", "bbox", "giou")])
-        self._layer = None
         if self.aux_loss:
             out.update({f"loss_{n}_aux{postfix}": aux[j] for j, n in enumerate(("class", "bbox", "giou"))})
-        return out
+        return out, spr
 
-    def _get_loss(self, pred_bboxes, pred_scores, gt_bboxes, gt_cls, gt_groups, postfix="", match_indices=None):
-        """One prediction layer: match, targets (ST), weights (SR), VFL + L1 + GIoU, and SPR terms (stored)."""
+    def _layer_loss(self, pred_bboxes, pred_scores, gts, postfix, match_indices, sampling, layer):
+        """One prediction layer: match, targets (ST), weights (SR), VFL + L1 + GIoU, and its SPR terms.
+
+        Args:
+            gts (tuple): ``(cls, bboxes, gt_groups)`` of the batch. sampling (dict | None): The decoder's records for
+                the object queries. layer (int | None): Decoder layer index of this prediction layer (None: encoder
+                top-k, denoising, or no records), selecting its records.
+
+        Returns:
+            (tuple[dict, tuple | None]): Loss terms, and ``(L_offset, L_atten)`` averaged over positives (SPR on and
+            records present) or None.
+        """
+        gt_cls, gt_bboxes, gt_groups = gts
         if match_indices is None:
             match_indices = self.matcher(pred_bboxes, pred_scores, gt_bboxes, gt_cls, gt_groups)
         idx, gt_idx = self._get_index(match_indices)
         pb, gb, gc = pred_bboxes[idx], gt_bboxes[gt_idx], gt_cls[gt_idx]
         bs, nq, nc = pred_scores.shape
         n = len(gb)
-        layer, sampling = self._layer if self._layer is not None else (-1, None)
-        use = sampling is not None and 0 <= layer
 
         t = scale_aligned_target(pb, gb, **self.st) if self.st else bbox_iou(pb.detach(), gb, xywh=True).squeeze(-1)
         one_hot = torch.zeros((bs, nq, nc), device=pred_scores.device)
@@ -235,7 +280,7 @@ class BetterSampling(RTDETRDetectionLoss):
         q = torch.zeros((bs, nq, nc), device=pred_scores.device)
         q[idx[0], idx[1], gc] = t.to(q.dtype)
         pos_w, r_reg = q, None
-        if self.sr and use and n:
+        if self.sr and layer is not None and n:
             s = pred_scores[idx[0], idx[1], gc].sigmoid()
             r = sample_reweight(sampling["sr_w"][layer][idx], t[:, None], s[:, None])  # (n, 2): r_cls, r_reg
             pos_w = torch.zeros_like(q).index_put((idx[0], idx[1], gc), r[:, 0].to(q.dtype))
@@ -250,7 +295,7 @@ class BetterSampling(RTDETRDetectionLoss):
 
         if not n:
             losses[f"loss_bbox{postfix}"] = losses[f"loss_giou{postfix}"] = pred_bboxes[..., :0].sum()
-            return losses
+            return losses, None
         l1 = (pb - gb).abs().sum(-1)
         giou = 1.0 - bbox_iou(pb, gb, xywh=True, GIoU=True).squeeze(-1)
         if r_reg is not None:
@@ -258,8 +303,17 @@ class BetterSampling(RTDETRDetectionLoss):
         losses[f"loss_bbox{postfix}"] = l1.sum() / n * self.loss_gain["bbox"]
         losses[f"loss_giou{postfix}"] = giou.sum() / n * self.loss_gain["giou"]
 
-        if self.spr and use:
-            l_off, l_att = spr_losses(sampling["offsets"][layer][idx], sampling["attn"][layer][idx], self.eta[layer],
-                                      self.n_points)
-            self._spr.append((l_off.sum() / n, l_att.sum() / n))
-        return losses
+        if not (self.spr and layer is not None):
+            return losses, None
+        l_off, l_att = spr_losses(
+            sampling["offsets"][layer][idx], sampling["attn"][layer][idx], self.eta[layer], self.n_points
+        )
+        return losses, (l_off.sum() / n, l_att.sum() / n)
+
+
+def _object_queries(sampling: dict | None, dn_meta: dict | None) -> dict | None:
+    """The sampling records of the object queries (the denoising queries come first and are dropped)."""
+    if sampling is None:
+        return None
+    n_dn = dn_meta["dn_num_split"][0]
+    return {k: None if v is None else v[:, :, n_dn:] for k, v in sampling.items()}

@@ -1,8 +1,8 @@
 """DCLoss, E-FPN-BS's Dynamic Gradient-Balanced Loss: Ultralytics' detection loss with scale-aware per-object weights.
 
-Source: E-FPN-BS abstract (seed 003; SPEC sec. 4): "a Dynamic Gradient-Balanced Loss (DCLoss) that automatically
-modulates loss contributions via scale-aware gradient equilibrium". No formula is public; what follows is an
-**interpretation of the abstract**.
+Source: the E-FPN-BS paper's abstract (our reading in docs/blocks.md, "E-FPN-BS"): "a Dynamic Gradient-Balanced
+Loss (DCLoss) that automatically modulates loss contributions via scale-aware gradient equilibrium". No formula is
+public; what follows is an **interpretation of the abstract**.
 
 Select it from a model YAML (the shared ``loss:`` mechanism, ``so_det_ultra/integration/losses.py``)::
 
@@ -19,8 +19,14 @@ from ultralytics.utils.loss import v8DetectionLoss
 from so_det_ultra.registry import register_loss
 
 
-def scale_weights(target_bboxes: torch.Tensor, fg_mask: torch.Tensor, gamma: float = 0.5, ref: float = 32.0,
-                  max_weight: float = 4.0, normalize: bool = True) -> torch.Tensor:
+def scale_weights(
+    target_bboxes: torch.Tensor,
+    fg_mask: torch.Tensor,
+    gamma: float = 0.5,
+    ref: float = 32.0,
+    max_weight: float = 4.0,
+    normalize: bool = True,
+) -> torch.Tensor:
     """Per-anchor loss weights from the size of the object each positive anchor was assigned to.
 
     The scale curve, for an assigned box of size ``s = sqrt(w * h)`` in input pixels::
@@ -66,11 +72,20 @@ class DCLoss(v8DetectionLoss):
         tal_topk (int): Top-k of the task-aligned assigner (Ultralytics' default 10).
     """
 
-    def __init__(self, model, gamma: float = 0.5, ref: float = 32.0, max_weight: float = 4.0, normalize: bool = True,
-                 tal_topk: int = 10):
+    def __init__(
+        self,
+        model,
+        gamma: float = 0.5,
+        ref: float = 32.0,
+        max_weight: float = 4.0,
+        normalize: bool = True,
+        tal_topk: int = 10,
+    ):
         if getattr(model.model[-1], "one2one_cv2", None) is not None:
-            raise ValueError("DCLoss supports Detect heads without a one-to-one (end2end) branch; "
-                             "remove `loss: type: DCLoss` or use a non-end2end head")
+            raise ValueError(
+                "DCLoss supports Detect heads without a one-to-one (end2end) branch; "
+                "remove `loss: type: DCLoss` or use a non-end2end head"
+            )
         if gamma < 0 or ref <= 0 or max_weight < 1:
             raise ValueError(f"DCLoss needs gamma >= 0, ref > 0, max_weight >= 1; got {gamma}, {ref}, {max_weight}")
         super().__init__(model, tal_topk=tal_topk)
@@ -88,5 +103,6 @@ class DCLoss(v8DetectionLoss):
         return self._bce(pred, target) * self.weights[..., None].to(pred.dtype)
 
     def _weighted_bbox_loss(self, pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores, *rest):
-        return self._bbox_loss(pred_dist, pred_bboxes, anchor_points, target_bboxes,
-                               target_scores * self.weights[..., None], *rest)
+        return self._bbox_loss(
+            pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores * self.weights[..., None], *rest
+        )

@@ -1,10 +1,12 @@
 """ESOD's objectness-heatmap target and loss, added to Ultralytics' detection loss.
 
-Source: ESOD (Liu et al., IEEE TIP 2024; seed 002; SPEC sec. 3): per ground-truth box an elliptical Gaussian, 1 at the
-centre and 0.5 at the box edge, zero below 0.5, max-pooled to stride 8; ignored regions are neither positive nor
-negative; loss = BCE(heatmap) x 0.2 added to the detector loss.
+Source: Liu et al., "ESOD: Efficient Small Object Detection on High-Resolution Images", IEEE Transactions on Image
+Processing 2024 (arXiv 2407.16424), sec. 3; official code github alibaba/esod. Per ground-truth box an elliptical
+Gaussian, 1 at the centre and 0.5 at the box edge, zero below 0.5, max-pooled to stride 8; ignored regions are neither
+positive nor negative; loss = BCE(heatmap) x 0.2 added to the detector loss. Summary: docs/highres.md.
 
-Select it from a model YAML (the shared ``loss:`` mechanism, ``so_det_ultra/integration/losses.py``)::
+Select it from a model YAML (the shared ``loss:`` mechanism, ``so_det_ultra/integration/losses.py``); the model's head
+must be :class:`~so_det_ultra.nn.esod.SeekerDetect`, which hands the seeker's logits to the loss as ``preds["seek"]``::
 
     loss:
       type: ESODLoss
@@ -25,8 +27,14 @@ from so_det_ultra.registry import register_loss
 _HALF = math.sqrt(2 * math.log(2))  # sigma = (side / 2) / _HALF puts exp(-d^2 / 2 sigma^2) = 0.5 at the box edge
 
 
-def heatmap_target(boxes: torch.Tensor, shape: tuple[int, int], stride: float, ignore: torch.Tensor | None = None,
-                   floor: float = 0.5, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def heatmap_target(
+    boxes: torch.Tensor,
+    shape: tuple[int, int],
+    stride: float,
+    ignore: torch.Tensor | None = None,
+    floor: float = 0.5,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Objectness target and loss weight of one image on a (H, W) grid of ``stride``-pixel cells.
 
     For a box with centre (cx, cy) and size (w, h), ``g(x, y) = exp(-(x-cx)^2 / 2 sx^2 - (y-cy)^2 / 2 sy^2)`` with
@@ -56,7 +64,7 @@ def heatmap_target(boxes: torch.Tensor, shape: tuple[int, int], stride: float, i
     y0 = torch.arange(h, device=dev, dtype=torch.float32) * stride
     for b in boxes.float().split(chunk):
         c = (b[:, :2] + b[:, 2:]) / 2
-        sig = ((b[:, 2:] - b[:, :2]).clamp(min=1e-3) / 2 / _HALF)
+        sig = (b[:, 2:] - b[:, :2]).clamp(min=1e-3) / 2 / _HALF
         gx = _axis_gauss(x0, stride, c[:, 0:1], sig[:, 0:1])  # (n, W)
         gy = _axis_gauss(y0, stride, c[:, 1:2], sig[:, 1:2])  # (n, H)
         g = (gy[:, :, None] * gx[:, None, :]).amax(0) if len(b) else target
@@ -78,32 +86,51 @@ def _axis_gauss(edges, stride, c, sig):
     return torch.exp(-0.5 * ((nearest - c) / sig) ** 2)
 
 
+def _seeker_head(model):
+    """The model's SeekerDetect head, checked to read the model's one ObjectSeeker layer; ValueError otherwise."""
+    from so_det_ultra.nn.esod import ObjectSeeker, SeekerDetect
+
+    seekers = [m.i for m in model.modules() if isinstance(m, ObjectSeeker)]
+    if len(seekers) != 1:
+        raise ValueError(
+            f"ESODLoss needs a model with exactly one ObjectSeeker layer, found {len(seekers)}; "
+            "add `- [<P3 layer>, 1, ObjectSeeker, []]` to the model YAML (see so-det-esod.yaml)"
+        )
+    head = model.model[-1]
+    last = head.f[-1] if isinstance(head.f, (list, tuple)) else head.f
+    last = head.i + last if last < 0 else last
+    if not isinstance(head, SeekerDetect) or last != seekers[0]:
+        raise ValueError(
+            f"ESODLoss reads the seeker's logits from the head's predictions, so the head must be SeekerDetect with "
+            f"the ObjectSeeker (layer {seekers[0]}) as its last input; got {type(head).__name__} from={head.f}. "
+            f"Write the head row as `- [[<P2>, <P3>, <P4>, {seekers[0]}], 1, SeekerDetect, [nc]]` "
+            "(see so-det-esod.yaml)"
+        )
+    return head
+
+
 @register_loss
 class ESODLoss(v8DetectionLoss):
     """Ultralytics' ``v8DetectionLoss`` plus ``gain * BCE(seeker logits, heatmap target)`` (ESOD sec. 3).
 
-    The logits are the ones the model's :class:`~so_det_ultra.nn.esod.ObjectSeeker` produced in the forward pass whose
-    predictions are being scored. The BCE is averaged over the non-ignored cells of the batch; the term is reported
-    as ``seek_loss`` next to box/cls/dfl and, like them, multiplied by the batch size in the returned sum.
+    The logits are ``preds["seek"]``, put there by the model's :class:`~so_det_ultra.nn.esod.SeekerDetect` head in
+    the same forward pass as the predictions being scored. The BCE is averaged over the non-ignored cells of the batch;
+    the term is reported as ``seek_loss`` next to box/cls/dfl and, like them, multiplied by the batch size in the
+    returned sum. The heatmap's stride is the input size over the logits' size (8 for the shipped models).
 
     Ignored regions: Ultralytics' data loader carries none, so with the stock trainer every unmarked cell is negative
     (convert VisDrone with ``--mask-ignored`` to grey them out of the images instead, as ESOD does). A dataset that
     adds ``batch["ignore"]`` (a list with one (M, 4) normalised xywh tensor per image) gets them honoured.
 
     Args:
-        model: The DetectionModel (holding exactly one ObjectSeeker). gain (float): Weight of the heatmap term (0.2).
-        tal_topk (int): Top-k of the task-aligned assigner (Ultralytics' default 10).
+        model: The DetectionModel (one ObjectSeeker, a SeekerDetect head reading it). gain (float): Weight of the
+            heatmap term (0.2). tal_topk (int): Top-k of the task-aligned assigner (Ultralytics' default 10).
     """
 
     def __init__(self, model, gain: float = 0.2, tal_topk: int = 10):
-        from so_det_ultra.nn.esod import ObjectSeeker
-
-        seekers = [m for m in model.modules() if isinstance(m, ObjectSeeker)]
-        if len(seekers) != 1:
-            raise ValueError(f"ESODLoss needs a model with exactly one ObjectSeeker layer, found {len(seekers)}; "
-                             "add `- [<P3 layer>, 1, ObjectSeeker, []]` to the model YAML (see so-det-esod.yaml)")
+        _seeker_head(model)
         super().__init__(model, tal_topk=tal_topk)
-        self.seeker, self.gain = seekers[0], float(gain)
+        self.gain = float(gain)
 
     def __call__(self, preds, batch):
         loss, items = super().__call__(preds, batch)
@@ -116,12 +143,15 @@ class ESODLoss(v8DetectionLoss):
         return loss, torch.cat((items.reshape(-1), seek.detach().reshape(1)))
 
     def seek_loss(self, preds: dict, batch: dict) -> torch.Tensor:
-        logits = self.seeker.logits
-        feats = preds["feats"]
+        """Mean BCE of ``preds["seek"]`` (B, 1, h, w) against the heatmap target of ``batch``."""
+        from so_det_ultra.nn.esod import SEEK_KEY
+
+        if SEEK_KEY not in preds:
+            raise KeyError(
+                f"ESODLoss: the predictions carry no {SEEK_KEY!r} entry; they must come from a SeekerDetect head"
+            )
+        logits, feats = preds[SEEK_KEY], preds["feats"]
         bs = feats[0].shape[0]
-        if logits is None or logits.shape[0] != bs:
-            raise RuntimeError("ESODLoss: the ObjectSeeker's logits do not belong to these predictions (was the model "
-                               "run on this batch?)")
         imgsz = torch.tensor(feats[0].shape[2:], device=self.device) * self.stride[0]  # (h, w) input pixels
         stride = float(imgsz[0]) / logits.shape[2]
         target, weight = self.targets(batch, bs, logits.shape[2:], stride, imgsz)
@@ -133,9 +163,15 @@ class ESODLoss(v8DetectionLoss):
         boxes = xywh2xyxy(batch["bboxes"].to(self.device).float()) * scale
         idx = batch["batch_idx"].to(self.device).long().view(-1)
         ignores = batch.get("ignore")
-        out = [heatmap_target(boxes[idx == i], shape, stride,
-                              xywh2xyxy(ignores[i].to(self.device).float()) * scale if ignores is not None else None)
-               for i in range(bs)]
+        out = [
+            heatmap_target(
+                boxes[idx == i],
+                shape,
+                stride,
+                xywh2xyxy(ignores[i].to(self.device).float()) * scale if ignores is not None else None,
+            )
+            for i in range(bs)
+        ]
         target = torch.stack([t for t, _ in out])[:, None]
         weight = torch.stack([w for _, w in out])[:, None]
         return target, weight

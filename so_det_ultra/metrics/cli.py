@@ -9,10 +9,13 @@ from pathlib import Path
 
 
 def add_parser(sub):
-    p = sub.add_parser("eval", help="AP, AP50, AP75 and AP per object size of a predictions.json (docs/metrics.md)",
-                       description="Evaluates COCO-format detections (image_id = image file stem, category_id = "
-                                   "class index + 1, bbox = [x, y, w, h] pixels, score), as written by "
-                                   "'yolo val save_json=True', against a dataset whose data YAML has a 'so_det:' key.")
+    p = sub.add_parser(
+        "eval",
+        help="AP, AP50, AP75 and AP per object size of a predictions.json (docs/metrics.md)",
+        description="Evaluates COCO-format detections (image_id = image file stem, category_id = "
+        "class index + 1, bbox = [x, y, w, h] pixels, score), as written by "
+        "'yolo val save_json=True', against a dataset whose data YAML has a 'so_det:' key.",
+    )
     p.add_argument("--data", required=True, help="data YAML with a so_det: key (a path, or visdrone.yaml/soda-d.yaml)")
     p.add_argument("--split", default="val", help="split of the data YAML to evaluate on (default val)")
     p.add_argument("--pred", required=True, help="predictions.json")
@@ -29,14 +32,16 @@ def run(a) -> int:
     import ultralytics.nn.tasks  # noqa: F401  (registers so-det-ultra: our dataset YAMLs resolve by bare name)
     from ultralytics.data.utils import check_det_dataset
 
+    from so_det_ultra.data.contract import SO_DET_KEY, so_det_hint
     from so_det_ultra.metrics.coco import evaluate_dataset, load_predictions, protocol_from_data
 
     try:
         data = check_det_dataset(a.data)
         protocol = protocol_from_data(data)
         if protocol is None:
-            raise ValueError(f"{a.data} has no 'so_det:' key; add so_det: {{eval: visdrone, sidecars: sidecars, "
-                             f"max_det: 500}} (or eval: soda-d), see docs/metrics.md")
+            raise ValueError(
+                f"{a.data} has no '{SO_DET_KEY}:' key; add {so_det_hint()} (or eval: soda-d), see docs/metrics.md"
+            )
         if a.max_det is not None:
             if a.max_det < 1:
                 raise ValueError(f"--max-det must be positive, got {a.max_det}")

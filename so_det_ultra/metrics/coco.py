@@ -5,12 +5,14 @@ Matching and accumulation are faster-coco-eval's ``COCOeval_faster`` (a C++ re-i
 builds the COCO ground truth and detections from a YOLO dataset, its sidecars and a ``predictions.json``, applies the
 ignored-region rule and the per-image detection cap, and reads AP values out of ``COCOeval.eval["precision"]``.
 
-Protocols (SPEC.md sec. 7):
+Protocols (docs/metrics.md; the bins are :data:`~so_det_ultra.data.contract.COCO_BINS` and
+:data:`~so_det_ultra.data.contract.SODA_D_BINS` of the data contract):
 
-- ``visdrone`` -- VisDrone2019-DET. Bins are COCO's (Lin et al., ECCV 2014 / cocodataset.org detection eval): small
-  area <= 32^2, medium 32^2-96^2, large > 96^2. Up to 500 detections per image: the VisDrone2018-DET-toolkit
-  (``utils/calcAccuracy.m``) keeps the first ``maxDets`` detections of each image over all classes. Ignored regions
-  are applied as in the toolkit's ``utils/dropObjectsInIgr.m`` (see :mod:`.ignore`).
+- ``visdrone`` -- VisDrone2019-DET (Zhu et al., "Detection and Tracking Meet Drones Challenge", TPAMI 2021). Bins are
+  COCO's (Lin et al., ECCV 2014 / cocodataset.org detection eval): small area <= 32^2, medium 32^2-96^2, large
+  > 96^2. Up to 500 detections per image: the VisDrone2018-DET-toolkit (``utils/calcAccuracy.m``) keeps the first
+  ``maxDets`` detections of each image over all classes. Ignored regions are applied as in the toolkit's
+  ``utils/dropObjectsInIgr.m`` (see :mod:`.ignore`).
 - ``soda-d`` -- SODA-D (Cheng et al., TPAMI 2023; github.com/shaunyuan22/SODA-mmdetection,
   ``mmdet/datasets/sodad_eval/sodadeval.py``): bins eS 0-12^2, rS 12^2-20^2, gS 20^2-32^2, N(ormal) 32^2-40*50.
   There, AP/AP50/AP75 are over the ``Small`` range 0-32^2 (objects larger than 32^2 are not part of the headline AP)
@@ -38,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from so_det_ultra.data import contract
+from so_det_ultra.data.contract import BIG, COCO_BINS, SODA_D_BINS, SODA_D_SMALL
 from so_det_ultra.metrics.ignore import DROP_FRACTION, in_ignored
-
-BIG = 1e5**2  # COCO's "no upper limit" area
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,8 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "visdrone": Protocol(
-        "visdrone", (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, BIG)),
-        max_det=500, per_class=True,
-    ),
-    "soda-d": Protocol(
-        "soda-d", (("eS", 0.0, 12.0**2), ("rS", 12.0**2, 20.0**2), ("gS", 20.0**2, 32.0**2), ("N", 32.0**2, 40.0 * 50)),
-        all_range=(0.0, 32.0**2), max_det=1000,
-    ),
+    "visdrone": Protocol("visdrone", COCO_BINS, max_det=500, per_class=True),
+    "soda-d": Protocol("soda-d", SODA_D_BINS, all_range=SODA_D_SMALL, max_det=1000),
 }
 
 
@@ -89,12 +85,13 @@ def protocol_from_data(data: dict) -> Protocol | None:
     ``so_det: {eval: visdrone | soda-d, sidecars: <folder under path>, max_det: N, ignore: true}``; ``max_det`` and
     ``ignore`` are optional and override the protocol's defaults.
     """
-    cfg = data.get("so_det") if isinstance(data, dict) else None
+    cfg = data.get(contract.SO_DET_KEY) if isinstance(data, dict) else None
     if cfg is None:
         return None
     if not isinstance(cfg, dict):
-        raise ValueError(f"data YAML key 'so_det' must be a mapping like {{eval: visdrone, sidecars: sidecars}}, "
-                         f"got {cfg!r}")
+        raise ValueError(
+            f"data YAML key '{contract.SO_DET_KEY}' must be a mapping like {contract.so_det_hint()}, got {cfg!r}"
+        )
     name = str(cfg.get("eval", "")).lower()
     if name not in PROTOCOLS:
         raise ValueError(f"so_det.eval={cfg.get('eval')!r} is not a known protocol; use one of {sorted(PROTOCOLS)}")
@@ -123,43 +120,6 @@ class ImageTruth:
     ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
 
 
-def sidecar_path(image: Path, root: Path, folder: str = "sidecars") -> Path:
-    """``root/images/<split>/<stem>.<ext>`` -> ``root/<folder>/<split>/<stem>.json`` (the data contract)."""
-    image, root = Path(image), Path(root)
-    try:
-        rel = image.relative_to(root / "images")
-    except ValueError:  # image outside root/images: use the last folder name as the split
-        rel = Path(image.parent.name) / image.name
-    return root / folder / rel.with_suffix(".json")
-
-
-def _read_labels(path: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """YOLO label file -> pixel xyxy boxes and classes. Polygon rows (``cls x1 y1 x2 y2 ...``) become their box."""
-    boxes, cls = [], []
-    if path.is_file():
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            v = line.split()
-            if not v:
-                continue
-            try:
-                c, xy = int(float(v[0])), np.asarray(v[1:], dtype=np.float64)
-            except ValueError as err:
-                raise ValueError(f"{path}:{n}: not a YOLO label row: {line!r}") from err
-            if len(xy) == 4:
-                xc, yc, w, h = xy
-                x1, y1, x2, y2 = xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2
-            elif len(xy) >= 6 and len(xy) % 2 == 0:
-                x1, y1, x2, y2 = xy[0::2].min(), xy[1::2].min(), xy[0::2].max(), xy[1::2].max()
-            else:
-                raise ValueError(f"{path}:{n}: expected 'cls xc yc w h' (or a polygon), got {line!r}")
-            boxes.append([x1 * width, y1 * height, x2 * width, y2 * height])
-            cls.append(c)
-    # Labels hold ~6 decimals of a normalised value (~0.002 px at 2000 px): rounding to 0.01 px gives integral source
-    # annotations (VisDrone) back exactly, so a box lying exactly on the ignore threshold stays on its side.
-    boxes = np.round(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), 2)
-    return boxes, np.asarray(cls, dtype=np.int64)
-
-
 def _image_size(path: Path) -> tuple[int, int]:
     from PIL import Image
     from ultralytics.data.utils import exif_size
@@ -168,8 +128,8 @@ def _image_size(path: Path) -> tuple[int, int]:
         return exif_size(im)
 
 
-def load_truth(image_files, root, sidecars: str = "sidecars", single_cls: bool = False) -> list[ImageTruth]:
-    """Ground truth of ``image_files`` from their YOLO labels, sizes and sidecars.
+def load_truth(image_files, root, sidecars: str = contract.SIDECARS, single_cls: bool = False) -> list[ImageTruth]:
+    """Ground truth of ``image_files`` from their YOLO labels, sizes and sidecars (the data contract).
 
     Sizes come from the sidecar (``width``/``height``), else from the image header (EXIF-corrected, as Ultralytics
     reads it). An image without a sidecar has no ignored regions.
@@ -179,15 +139,13 @@ def load_truth(image_files, root, sidecars: str = "sidecars", single_cls: bool =
     image_files = [Path(f) for f in image_files]
     out = []
     for img, lbl in zip(image_files, img2label_paths(image_files)):
-        side = sidecar_path(img, root, sidecars)
-        meta = json.loads(side.read_text()) if side.is_file() else {}
-        if "width" in meta and "height" in meta:
-            w, h = int(meta["width"]), int(meta["height"])
+        side = contract.read_sidecar(contract.sidecar_path(img, root, sidecars)) or contract.Sidecar()
+        if side.width is not None and side.height is not None:
+            w, h = side.width, side.height
         else:
             w, h = _image_size(img)
-        boxes, cls = _read_labels(Path(lbl), w, h)
-        ignore = np.asarray(meta.get("ignore", []), dtype=np.float64).reshape(-1, 4)
-        out.append(ImageTruth(img, w, h, boxes, cls * 0 if single_cls else cls, ignore))
+        boxes, cls = contract.read_labels(lbl, w, h)
+        out.append(ImageTruth(img, w, h, boxes, cls * 0 if single_cls else cls, side.ignore))
     return out
 
 
@@ -196,8 +154,10 @@ def split_images(data: dict, split: str) -> list[Path]:
     from ultralytics.data.utils import IMG_FORMATS
 
     if not data.get(split):
-        raise ValueError(f"the data YAML has no '{split}' split (splits: "
-                         f"{[k for k in ('train', 'val', 'test', 'minival') if data.get(k)]})")
+        raise ValueError(
+            f"the data YAML has no '{split}' split (splits: "
+            f"{[k for k in ('train', 'val', 'test', 'minival') if data.get(k)]})"
+        )
     entries = data[split] if isinstance(data[split], (list, tuple)) else [data[split]]
     files = []
     for entry in entries:
@@ -233,23 +193,33 @@ class Result:
             **self.metrics,
             "per_class": self.per_class,
             "counts": self.counts,
-            "protocol": {"eval": p.name, "max_det": p.max_det, "bins": {b[0]: [b[1], b[2]] for b in p.bins},
-                         "all_range": list(p.all_range), "drop_ignored": p.drop_ignored,
-                         "ignore_fraction": p.ignore_fraction},
+            "protocol": {
+                "eval": p.name,
+                "max_det": p.max_det,
+                "bins": {b[0]: [b[1], b[2]] for b in p.bins},
+                "all_range": list(p.all_range),
+                "drop_ignored": p.drop_ignored,
+                "ignore_fraction": p.ignore_fraction,
+            },
         }
 
     def table(self, per_class: bool = False) -> str:
         """Printable summary, laid out like Ultralytics' validation table."""
         c, p = self.counts, self.protocol
-        head = (f"so-det {p.name} AP (COCO-style, maxDets={p.max_det}): {c['images']} images, {c['gt']} objects"
-                + (f"; ignored regions removed {c['gt_ignored']} objects and {c['det_ignored']} detections"
-                   if p.drop_ignored else "; ignored regions not applied"))
+        head = f"so-det {p.name} AP (COCO-style, maxDets={p.max_det}): {c['images']} images, {c['gt']} objects" + (
+            f"; ignored regions removed {c['gt_ignored']} objects and {c['det_ignored']} detections"
+            if p.drop_ignored
+            else "; ignored regions not applied"
+        )
         keys = list(self.metrics)
         fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
-        lines = [head, ("%22s" + "%11s" * len(keys)) % ("", *keys),
-                 ("%22s" + "%11s" * len(keys)) % ("all", *(fmt(self.metrics[k]) for k in keys))]
+        lines = [
+            head,
+            ("%22s" + "%11s" * len(keys)) % ("", *keys),
+            ("%22s" + "%11s" * len(keys)) % ("all", *(fmt(self.metrics[k]) for k in keys)),
+        ]
         if per_class:
-            lines += [("%22s%11s") % (name, fmt(ap)) for name, ap in self.per_class.items()]
+            lines += [f"{name:>22}{fmt(ap):>11}" for name, ap in self.per_class.items()]
         return "\n".join(lines)
 
 
@@ -284,13 +254,19 @@ def _group_predictions(predictions, truth: list[ImageTruth], nc: int) -> list[tu
         per[i][1].append(float(d["score"]))
         per[i][2].append(int(c) - 1)
     if unknown:
-        raise ValueError(f"{len(unknown)} predictions name images that are not in this split (first: "
-                         f"{sorted(set(map(str, unknown)))[:3]}); check --split and that image_id is the file stem")
+        raise ValueError(
+            f"{len(unknown)} predictions name images that are not in this split (first: "
+            f"{sorted(set(map(str, unknown)))[:3]}); check --split and that image_id is the file stem"
+        )
     if bad_cat:
-        raise ValueError(f"{len(bad_cat)} predictions have category_id outside 1..{nc} (first: {bad_cat[:3]}); "
-                         "expected Ultralytics' non-COCO convention category_id = class index + 1")
-    return [(np.asarray(b, dtype=np.float64).reshape(-1, 4), np.asarray(s, dtype=np.float64),
-             np.asarray(c, dtype=np.int64)) for b, s, c in per]
+        raise ValueError(
+            f"{len(bad_cat)} predictions have category_id outside 1..{nc} (first: {bad_cat[:3]}); "
+            "expected Ultralytics' non-COCO convention category_id = class index + 1"
+        )
+    return [
+        (np.asarray(b, dtype=np.float64).reshape(-1, 4), np.asarray(s, dtype=np.float64), np.asarray(c, dtype=np.int64))
+        for b, s, c in per
+    ]
 
 
 def evaluate(truth: list[ImageTruth], predictions, protocol: Protocol, names=None) -> Result:
@@ -336,18 +312,28 @@ def evaluate(truth: list[ImageTruth], predictions, protocol: Protocol, names=Non
         counts["det_over_max_det"] += len(scores) - len(order)
         for b, c in zip(t.boxes[keep_gt], t.cls[keep_gt]):
             w, h = b[2] - b[0], b[3] - b[1]
-            gts.append({"id": len(gts) + 1, "image_id": i, "category_id": int(c) + 1,
-                        "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": 0})
+            gts.append(
+                {
+                    "id": len(gts) + 1,
+                    "image_id": i,
+                    "category_id": int(c) + 1,
+                    "bbox": [b[0], b[1], w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
         for b, s, c in zip(boxes[order], scores[order], cls[order]):
-            dts.append({"image_id": i, "category_id": int(c) + 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                        "score": s})
+            dts.append(
+                {"image_id": i, "category_id": int(c) + 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s}
+            )
     counts["gt"], counts["det"] = len(gts), len(dts)
     areas = np.asarray([g["area"] for g in gts])
     counts["gt_per_bin"] = {lbl: int(((areas >= lo) & (areas <= hi)).sum()) for lbl, lo, hi in protocol.bins}
 
     quiet = lambda *a, **k: None  # noqa: E731
-    gt_api = COCO({"images": images, "annotations": gts, "categories": [{"id": k + 1, "name": names[k]}
-                                                                         for k in range(nc)]})
+    gt_api = COCO(
+        {"images": images, "annotations": gts, "categories": [{"id": k + 1, "name": names[k]} for k in range(nc)]}
+    )
     gt_api.print_function = quiet
     dt_api = gt_api.loadRes(dts)
     ev = COCOeval_faster(gt_api, dt_api, iouType="bbox", print_function=quiet)
@@ -379,26 +365,32 @@ def load_predictions(path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
     rows = json.loads(path.read_text())
-    if not isinstance(rows, list) or (rows and not all(isinstance(r, dict) and {"image_id", "category_id", "bbox",
-                                                                                   "score"} <= r.keys() for r in rows)):
-        raise ValueError(f"{path}: expected a JSON list of {{image_id, category_id, bbox, score}} rows, as written "
-                         "by 'yolo val save_json=True'")
+    if not isinstance(rows, list) or (
+        rows and not all(isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"} <= r.keys() for r in rows)
+    ):
+        raise ValueError(
+            f"{path}: expected a JSON list of {{image_id, category_id, bbox, score}} rows, as written "
+            "by 'yolo val save_json=True'"
+        )
     return rows
 
 
-def evaluate_dataset(data: dict, split: str, predictions, protocol: Protocol | None = None, image_files=None,
-                     single_cls: bool = False) -> Result:
+def evaluate_dataset(
+    data: dict, split: str, predictions, protocol: Protocol | None = None, image_files=None, single_cls: bool = False
+) -> Result:
     """Evaluate ``predictions`` on ``data[split]`` of a loaded data dict (``check_det_dataset`` output).
 
     The ground truth is the split's YOLO labels, image sizes and sidecars (``<path>/<so_det.sidecars>/<split>/``).
     """
     protocol = protocol or protocol_from_data(data)
     if protocol is None:
-        raise ValueError("the data YAML has no 'so_det:' key, so no evaluation protocol; add "
-                         "so_det: {eval: visdrone, sidecars: sidecars, max_det: 500} (see docs/metrics.md)")
+        raise ValueError(
+            f"the data YAML has no '{contract.SO_DET_KEY}:' key, so no evaluation protocol; add "
+            f"{contract.so_det_hint()} (see docs/metrics.md)"
+        )
     files = split_images(data, split) if image_files is None else image_files
     names = data.get("names")
     if single_cls:
         names = ["object"]
-    truth = load_truth(files, data.get("path", "."), data["so_det"].get("sidecars", "sidecars"), single_cls)
+    truth = load_truth(files, data.get("path", "."), contract.sidecar_folder(data), single_cls)
     return evaluate(truth, predictions, protocol, names)

@@ -24,6 +24,7 @@ import csv
 import json
 import math
 
+from so_det_ultra.data.contract import sidecar_folder
 from so_det_ultra.metrics.coco import evaluate, load_truth, protocol_from_data
 
 PREFIX = "so_det/"
@@ -84,8 +85,7 @@ def _evaluate(validator, p):
     cache = getattr(validator, "_so_det_truth", None)
     if cache is None or cache[0] != files:  # labels and sidecars read once per validator, not every epoch
         data = validator.data
-        truth = load_truth(files, data.get("path", "."), data["so_det"].get("sidecars", "sidecars"),
-                           bool(validator.args.single_cls))
+        truth = load_truth(files, data.get("path", "."), sidecar_folder(data), bool(validator.args.single_cls))
         validator._so_det_truth = cache = (files, truth)
     names = ["object"] if validator.args.single_cls else validator.data.get("names")
     return evaluate(cache[1], validator.jdict, p, names)
@@ -138,7 +138,7 @@ def _extend_results_row(path, epoch: int, cols: dict) -> bool:
     header += [k for k in cols if k not in header]
     row += [""] * (len(header) - len(row))
     for k, v in cols.items():
-        row[header.index(k)] = "" if v is None else "%.6g" % v
+        row[header.index(k)] = "" if v is None else f"{v:.6g}"
     lines[0], lines[-1] = ",".join(header), ",".join(row)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return True

@@ -26,9 +26,19 @@ def plot_ap(result, path) -> Path:
     ax = axes[0, 0]
     bars = ax.bar(labels, [v or 0.0 for v in values], color=["#555"] + ["#3b75af"] * len(p.bins))
     for bar, v, n in zip(bars, values, counts):
-        ax.annotate("no GT" if v is None else f"{v:.3f}\n{n} obj", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=7)
-    ax.set(ylim=(0, 1.22), yticks=np.linspace(0, 1, 6), ylabel="AP @ IoU 0.5:0.95", title=f"{p.name}: AP by object size (maxDets {p.max_det})")
+        ax.annotate(
+            "no GT" if v is None else f"{v:.3f}\n{n} obj",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set(
+        ylim=(0, 1.22),
+        yticks=np.linspace(0, 1, 6),
+        ylabel="AP @ IoU 0.5:0.95",
+        title=f"{p.name}: AP by object size (maxDets {p.max_det})",
+    )
     if panels == 2:
         ax = axes[0, 1]
         names = list(result.per_class)

@@ -1,18 +1,20 @@
-"""RT-DETR decoder that shows the Better Sampling losses what they need: sampling offsets, attention weights, SR weights.
+"""RT-DETR decoder that hands the Better Sampling losses their inputs: sampling offsets, attention weights, SR weights.
 
-Source: "Better Sampling, towards Better End-to-end Small Object Detection" (seed 004; SPEC sec. 6). The losses live
-in :mod:`so_det_ultra.losses.better_sampling`; this module only *exposes* training-time tensors of Ultralytics'
-``RTDETRDecoder`` and holds the one trainable part of the method, SR's weight generator (paper eqs. 16-18, Fig. 4).
+Source: Huang, Zhang, Jin, Wu, Liu and Jin, "Better Sampling, towards Better End-to-end Small Object Detection",
+sec. 4 (docs/detr.md). The losses live in :mod:`so_det_ultra.losses.better_sampling`; this module only *exposes*
+training-time tensors of Ultralytics' ``RTDETRDecoder`` and holds the one trainable part of the method, SR's weight
+generator (paper eqs. 16-18, Fig. 4).
 
 - :class:`SamplingRTDETRDecoder` is ``RTDETRDecoder`` unchanged at inference (same parameters, same graph, same
   outputs; ONNX export and ``YOLO``/``RTDETR`` dispatch behave as for the stock head). In training, forward hooks that
   exist only for the duration of one forward call record, per decoder layer, the raw outputs of each deformable
   cross-attention's ``sampling_offsets`` and ``attention_weights`` projections (still in the autograd graph, so losses
-  on them train those projections) and the hidden features of the score and box heads. They are left in
-  ``decoder.sampling`` for the criterion, which pops them.
-- :class:`SampleWeightGenerator` is SR's weight generator. It is built only when the model YAML's ``loss:`` section
-  switches SR on (the channel rule reads it), runs only in training, and is never part of the inference graph, so
-  exported models do not grow because of it (a test compares ONNX initializer counts).
+  on them train those projections) and the hidden features of the score and box heads. The records travel with the
+  training outputs, as ``dn_meta["sampling"]`` (the denoising metadata that ``RTDETRDetectionModel.loss`` passes to
+  the criterion); nothing is kept on the module.
+- :class:`SampleWeightGenerator` is SR's weight generator. It is built only when the decoder's YAML row switches SR on
+  (``{sr: true}``), runs only in training, and is never part of the inference graph, so exported models do not grow
+  because of it (a test compares ONNX initializer counts).
 """
 
 from __future__ import annotations
@@ -26,31 +28,45 @@ from ultralytics.nn.modules import Conv, RTDETRDecoder
 from so_det_ultra.registry import LayerSpec, register_block
 
 # RTDETRDecoder's constructor arguments after (nc, ch), in order, as the YAML row and `decoder_scales:` name them.
-DECODER_ARGS = ("hd", "nq", "ndp", "nh", "ndl", "d_ffn", "dropout", "act", "eval_idx", "nd", "label_noise_ratio",
-                "box_noise_scale", "learnt_init_query")
+DECODER_ARGS = (
+    "hd",
+    "nq",
+    "ndp",
+    "nh",
+    "ndl",
+    "d_ffn",
+    "dropout",
+    "act",
+    "eval_idx",
+    "nd",
+    "label_noise_ratio",
+    "box_noise_scale",
+    "learnt_init_query",
+)
 
 
-def sr_config(yaml: dict) -> dict | None:
-    """SR settings of a model YAML's ``loss:`` section (``BetterSampling`` with ``sr`` on), else None."""
-    cfg = (yaml or {}).get("loss") or {}
-    if not isinstance(cfg, dict) or cfg.get("type") != "BetterSampling" or not cfg.get("sr"):
-        return None
-    return cfg["sr"] if isinstance(cfg["sr"], dict) else {}
+# Keyword options of the decoder's YAML row (a mapping as its last argument), with their defaults.
+DECODER_OPTIONS = {"sr": False, "sr_detach": True}
+SAMPLING_KEY = "sampling"  # key of the sampling records in the training-time dn_meta
 
 
 def decoder_channels(spec: LayerSpec):
-    """Channel rule for :class:`SamplingRTDETRDecoder`: ``[nc, hd, nq, ...]`` as for ``RTDETRDecoder``.
+    """Channel rule for :class:`SamplingRTDETRDecoder`: ``[nc, hd, nq, ..., {sr: true}]`` as for ``RTDETRDecoder``.
 
     Like Ultralytics' own branch for ``RTDETRDecoder``, the list of input channels is inserted as the second argument.
     Two so-det-ultra extensions:
 
     - a model-YAML key ``decoder_scales: {<scale>: {hd: 256, ndl: 3, ...}}`` overrides decoder arguments per scale
       (RT-DETR's r18 variant has 3 decoder layers, its x variant a 384-wide decoder); names as in :data:`DECODER_ARGS`;
-    - SR's weight generator is built when the YAML's ``loss:`` section switches SR on (``sr``/``sr_detach`` args).
+    - a mapping as the row's last argument sets the options of :data:`DECODER_OPTIONS`: ``sr`` builds SR's weight
+      generator, ``sr_detach`` stops its gradient into the decoder's features, e.g. ``[nc, 256, 500, {sr: true}]``.
     """
     if not spec.args:
         spec.fail("needs at least the number of classes, e.g. args=[nc]")
-    nc, rest = spec.args[0], list(spec.args[1:])
+    opts = spec.args[-1] if isinstance(spec.args[-1], dict) else {}
+    if set(opts) - set(DECODER_OPTIONS):
+        spec.fail(f"the options mapping takes the keys {sorted(DECODER_OPTIONS)}, got {opts!r}")
+    nc, rest = spec.args[0], list(spec.args[1 : len(spec.args) - bool(opts)])
     if len(rest) > len(DECODER_ARGS):
         spec.fail(f"takes at most {len(DECODER_ARGS) + 1} arguments (nc, {', '.join(DECODER_ARGS)}), got {spec.args}")
     defaults = dict(zip(DECODER_ARGS, (256, 300, 4, 8, 6, 1024, 0.0, None, -1, 100, 0.5, 1.0, False)))
@@ -60,9 +76,8 @@ def decoder_channels(spec: LayerSpec):
     if not isinstance(over, dict) or set(over) - set(DECODER_ARGS):
         spec.fail(f"decoder_scales.{spec.scale} must map names from {DECODER_ARGS} to values, got {over!r}")
     kw.update(over)
-    sr = sr_config(spec.yaml)
-    args = [nc, spec.c_ins(), *(kw[k] for k in DECODER_ARGS), sr is not None,
-            bool((sr or {}).get("detach_features", True))]
+    opts = {**DECODER_OPTIONS, **opts}
+    args = [nc, spec.c_ins(), *(kw[k] for k in DECODER_ARGS), bool(opts["sr"]), bool(opts["sr_detach"])]
     return kw["hd"], args, 1
 
 
@@ -112,41 +127,81 @@ class SampleWeightGenerator(nn.Module):
 
 @register_block(channels=decoder_channels)
 class SamplingRTDETRDecoder(RTDETRDecoder):
-    """Ultralytics ``RTDETRDecoder`` that exposes, in training only, what the Better Sampling losses need.
+    """Ultralytics ``RTDETRDecoder`` that returns, in training only, what the Better Sampling losses need.
 
     YAML: ``[[P2, P3, P4], 1, SamplingRTDETRDecoder, [nc, hd, nq, ndp, nh, ndl, d_ffn]]`` (any suffix of the stock
-    ``RTDETRDecoder`` arguments may be omitted). Identical to ``RTDETRDecoder`` in eval/export mode.
+    ``RTDETRDecoder`` arguments may be omitted), optionally ending with ``{sr: true, sr_detach: true}``. Identical to
+    ``RTDETRDecoder`` in eval/export mode.
 
-    After a training forward, ``self.sampling`` holds (``ndl`` = decoder layers, ``N`` = denoising + object queries)::
+    In training the output is the stock ``(dec_bboxes, dec_scores, enc_bboxes, enc_scores, dn_meta)``; whenever the
+    batch has denoising groups (every batch with at least one object, unless ``nd=0``), ``dn_meta`` also holds
+    ``dn_meta["sampling"]`` (``ndl`` = decoder layers, ``N`` = denoising + object queries)::
 
         offsets   (ndl, B, N, nh, nl * ndp, 2)  raw sampling_offsets output; a point is at
                                                ref_xy + offsets / ndp * ref_wh / 2 (RT-DETR's 4-d reference boxes)
         attn      (ndl, B, N, nh, nl * ndp)     attention logits (softmax over the last axis gives A of paper eq. 1)
         sr_w      (ndl, B, N, 2) or None        SR weights [w_cls, w_reg] (only when SR is on)
 
+    A batch without objects has no denoising groups and ``dn_meta`` stays ``None``, as in the stock decoder (so
+    Ultralytics' own RT-DETR loss, which reads ``dn_meta is None`` as "no denoising", keeps working); SR and SPR act
+    on matched positives only, so such a batch has nothing for them to do.
+
     Args: as ``RTDETRDecoder``, plus
         sr (bool): Build SR's :class:`SampleWeightGenerator` (training-only parameters).
         sr_detach (bool): See :class:`SampleWeightGenerator`.
     """
 
-    def __init__(self, nc=80, ch=(512, 1024, 2048), hd=256, nq=300, ndp=4, nh=8, ndl=6, d_ffn=1024, dropout=0.0,
-                 act=None, eval_idx=-1, nd=100, label_noise_ratio=0.5, box_noise_scale=1.0, learnt_init_query=False,
-                 sr=False, sr_detach=True):
-        super().__init__(nc, ch, hd, nq, ndp, nh, ndl, d_ffn, dropout, act, eval_idx, nd, label_noise_ratio,
-                         box_noise_scale, learnt_init_query)
+    def __init__(
+        self,
+        nc=80,
+        ch=(512, 1024, 2048),
+        hd=256,
+        nq=300,
+        ndp=4,
+        nh=8,
+        ndl=6,
+        d_ffn=1024,
+        dropout=0.0,
+        act=None,
+        eval_idx=-1,
+        nd=100,
+        label_noise_ratio=0.5,
+        box_noise_scale=1.0,
+        learnt_init_query=False,
+        sr=False,
+        sr_detach=True,
+    ):
+        super().__init__(
+            nc,
+            ch,
+            hd,
+            nq,
+            ndp,
+            nh,
+            ndl,
+            d_ffn,
+            dropout,
+            act,
+            eval_idx,
+            nd,
+            label_noise_ratio,
+            box_noise_scale,
+            learnt_init_query,
+        )
         self.sr_gen = SampleWeightGenerator(hd, sr_detach) if sr else None
-        self.sampling = None
 
     def forward(self, x, batch=None):
-        """Stock forward; in training, also fill ``self.sampling`` (see class docstring)."""
+        """Stock forward; in training, the sampling records are added to ``dn_meta`` (see class docstring)."""
         if not self.training:
             return super().forward(x, batch)
         with self._record() as rec:
-            out = super().forward(x, batch)
+            *out, dn_meta = super().forward(x, batch)
+        if dn_meta is None:
+            return (*out, None)
         h_cls, h_reg = torch.stack(rec["h_cls"]), torch.stack(rec["h_reg"])
         sr_w = self.sr_gen(h_cls, h_reg) if self.sr_gen is not None else None
-        self.sampling = {"offsets": torch.stack(rec["offsets"]), "attn": torch.stack(rec["attn"]), "sr_w": sr_w}
-        return out
+        sampling = {"offsets": torch.stack(rec["offsets"]), "attn": torch.stack(rec["attn"]), "sr_w": sr_w}
+        return (*out, {**dn_meta, SAMPLING_KEY: sampling})
 
     @contextlib.contextmanager
     def _record(self):
@@ -164,8 +219,9 @@ class SamplingRTDETRDecoder(RTDETRDecoder):
                 ca.sampling_offsets.register_forward_hook(keep("offsets", (n_heads, n_pts, 2))),
                 ca.attention_weights.register_forward_hook(keep("attn", (n_heads, n_pts))),
                 self.dec_score_head[i].register_forward_pre_hook(lambda m, args: rec["h_cls"].append(args[0])),
-                self.dec_bbox_head[i].layers[-1].register_forward_pre_hook(
-                    lambda m, args: rec["h_reg"].append(args[0])),
+                self.dec_bbox_head[i]
+                .layers[-1]
+                .register_forward_pre_hook(lambda m, args: rec["h_reg"].append(args[0])),
             ]
         try:
             yield rec

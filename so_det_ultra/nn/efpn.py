@@ -1,10 +1,10 @@
 """E-FPN-BS blocks: CEM (context enhancement from the deepest level) and FBSM (foreground/background gating).
 
-Source: E-FPN-BS abstract (seed 003, first abstract; SPEC sec. 4). Only the abstract is public: no code, no equations,
-no numbers. Everything below is an **interpretation of the abstract**, written out as equations so that it can be
-checked and changed. The abstract's argument: the deepest levels (P5/P6) get few or no positive anchors on tiny
-objects, so their semantics are "stranded"; CEM routes them into the shallow levels that do get positives, FBSM gates
-those levels spatially. DCLoss, the third part, is in :mod:`so_det_ultra.losses.dcloss`.
+Source: the E-FPN-BS paper's abstract (our reading in docs/blocks.md, "E-FPN-BS"). Only the abstract is public: no
+code, no equations, no numbers. Everything below is an **interpretation of the abstract**, written out as equations so
+that it can be checked and changed. The abstract's argument: the deepest levels (P5/P6) get few or no positive
+anchors on tiny objects, so their semantics are "stranded"; CEM routes them into the shallow levels that do get
+positives, FBSM gates those levels spatially. DCLoss, the third part, is in :mod:`so_det_ultra.losses.dcloss`.
 """
 
 from __future__ import annotations

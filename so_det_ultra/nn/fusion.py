@@ -18,17 +18,61 @@ from so_det_ultra import channels
 from so_det_ultra.registry import register_block
 
 
-def simam(x: torch.Tensor, parts: int = 1, lam: float = 1e-4) -> torch.Tensor:
-    """SimAM (eq. 5) on each of ``parts x parts`` spatial windows: x * sigmoid(d / (4 (sum(d)/n + lam)) + 0.5).
+def _windows_ok(x: torch.Tensor, parts: int) -> None:
+    h, w = x.shape[-2:]
+    if parts < 1 or h % parts or w % parts:
+        raise ValueError(f"SimAM with parts={parts} needs height and width divisible by parts, got {h}x{w}")
 
-    d = (x - mean)^2 over the window, n = window pixels - 1. ``parts=1`` is plain SimAM. H and W must divide by parts.
+
+def simam_reference(x: torch.Tensor, parts: int = 1, lam: float = 1e-4) -> torch.Tensor:
+    """SimAM (eq. 5) written as in the paper, on each of ``parts x parts`` windows: x * sigmoid(e),
+    e = d / (4 (sum(d)/n + lam)) + 0.5, d = (x - mean)^2 over the window, n = window pixels - 1.
     """
+    _windows_ok(x, parts)
     b, c, h, w = x.shape
     xq = x.reshape(b, c, parts, h // parts, parts, w // parts)
     d = (xq - xq.mean((3, 5), keepdim=True)).pow(2)
     n = (h // parts) * (w // parts) - 1
     e = d / (4 * (d.sum((3, 5), keepdim=True) / n + lam)) + 0.5
     return (xq * e.sigmoid()).reshape(b, c, h, w)
+
+
+def _simam_window(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """SimAM over the whole map (see :func:`simam`): two-pass variance, 1 / (4 (sum(d)/n + lam)) as one small scale."""
+    n = x.shape[-2] * x.shape[-1] - 1
+    d = x - x.mean((2, 3), keepdim=True)
+    d = d * d
+    s = 0.25 / (d.sum((2, 3), keepdim=True) / n + lam)  # (B, C, 1, 1)
+    return x * (d * s + 0.5).sigmoid()
+
+
+def simam(x: torch.Tensor, parts: int = 1, lam: float = 1e-4) -> torch.Tensor:
+    """SimAM (eq. 5) on each of ``parts x parts`` spatial windows; equal to :func:`simam_reference`.
+
+    Each window is a 4-D slice reduced over its last two axes, and the energy's denominator is a (B, C, 1, 1) scale
+    (d * s + 0.5 with s = 1 / (4 (sum(d)/n + lam))) instead of a full-size division; the reference reduces over axes 3
+    and 5 of a 6-D view, which ONNX Runtime runs as strided reductions with layout reorders (~25% slower at stride 4).
+    The variance stays two-pass (mean first): single-pass forms such as InstanceNormalization lose precision in ONNX
+    Runtime when a window's mean is large against its spread. ``parts=1`` is plain SimAM. H and W must divide by parts.
+    """
+    _windows_ok(x, parts)
+    if parts == 1:
+        return _simam_window(x, lam)
+    rows = [torch.cat([_simam_window(q, lam) for q in r.chunk(parts, 3)], 3) for r in x.chunk(parts, 2)]
+    return torch.cat(rows, 2)
+
+
+def channel_max(x: torch.Tensor) -> torch.Tensor:
+    """``x.amax(1, keepdim=True)`` as a tree of element-wise maxima over channel halves (exactly equal).
+
+    ONNX Runtime's ReduceMax across channels is strided and slow on large maps; log2(C) element-wise Max ops over
+    contiguous halves are ~3x faster there. An odd channel count folds its last channel into the first.
+    """
+    while x.shape[1] > 1:
+        c, h = x.shape[1], x.shape[1] // 2
+        m = torch.maximum(x[:, :h], x[:, h : 2 * h])
+        x = torch.cat((torch.maximum(m[:, :1], x[:, 2 * h :]), m[:, 1:]), 1) if c % 2 else m
+    return x
 
 
 @register_block(channels=channels.same)
@@ -41,6 +85,9 @@ class SimAM(nn.Module):
 
     def forward(self, x):
         return simam(x, self.parts, self.lam)
+
+    def forward_reference(self, x):
+        return simam_reference(x, self.parts, self.lam)
 
 
 @register_block(channels=channels.scaled)
@@ -57,6 +104,9 @@ class SWSConv(nn.Module):
 
     def forward(self, x):
         return simam(self.conv(x), self.parts)
+
+    def forward_reference(self, x):
+        return simam_reference(self.conv(x), self.parts)
 
 
 @register_block(channels=channels.same)
@@ -77,7 +127,8 @@ class CGASpatialAttention(nn.Module):
     """CGA spatial attention (DEA-Net eq. 8, no sigmoid): [mean_c, max_c] -> 7x7 conv 2->1 (reflect pad, bias).
 
     The channel mean is computed as a 1x1 convolution with weights 1/C (same maths; it runs as one fast Conv in
-    ONNX Runtime/TensorRT instead of a ReduceMean across channels); :meth:`forward_reference` is the plain form.
+    ONNX Runtime/TensorRT instead of a ReduceMean across channels) and the channel max as a tree of element-wise
+    maxima (:func:`channel_max`); :meth:`forward_reference` is the plain form.
     """
 
     def __init__(self, channels: int = 0, k: int = 7):
@@ -87,7 +138,7 @@ class CGASpatialAttention(nn.Module):
 
     def forward(self, x):
         mean = F.conv2d(x, x.new_full((1, self.c, 1, 1), 1.0 / self.c)) if self.c else x.mean(1, keepdim=True)
-        return self.conv(torch.cat((mean, x.amax(1, keepdim=True)), 1))
+        return self.conv(torch.cat((mean, channel_max(x)), 1))
 
     def forward_reference(self, x):
         return self.conv(torch.cat((x.mean(1, keepdim=True), x.amax(1, keepdim=True)), 1))
@@ -115,7 +166,9 @@ class CGAPixelAttention(nn.Module):
 
     def forward(self, x, p):
         w, c = self.conv.weight, self.conv.out_channels
-        y = F.conv2d(self._pad(x), w[:, :1], None, groups=c) + F.conv2d(self._pad(p), w[:, 1:], self.conv.bias, groups=c)
+        y = F.conv2d(self._pad(x), w[:, :1], None, groups=c) + F.conv2d(
+            self._pad(p), w[:, 1:], self.conv.bias, groups=c
+        )
         return y.sigmoid()
 
     def forward_factored(self, x, s, c, add: bool = False):
@@ -171,8 +224,8 @@ class EAFusion(nn.Module):
     def forward(self, xs):
         x, y = xs
         i = x + y
-        p2 = self.pa.forward_factored(i, self.sa(i), self.ca(i), self.add)  # = PA(i, SA(i) * CA(i)), see CGAPixelAttention
-        return self.sws(self.act(self.w0 * i + p2 * x + (1 - p2) * y))
+        p2 = self.pa.forward_factored(i, self.sa(i), self.ca(i), self.add)  # = PA(i, SA(i) * CA(i))
+        return self.sws(self.act(self.w0 * i + y + p2 * (x - y)))  # = w0 i + p2 x + (1 - p2) y, one pass fewer
 
     def forward_reference(self, xs):
         """The formula as written (builds p1 = SA(i) * CA(i) explicitly); equal to :meth:`forward`."""
@@ -180,7 +233,7 @@ class EAFusion(nn.Module):
         i = x + y
         p1 = self.sa.forward_reference(i) + self.ca(i) if self.add else self.sa.forward_reference(i) * self.ca(i)
         p2 = self.pa.forward_interleaved(i, p1)
-        return self.sws(self.act(self.w0 * i + p2 * x + (1 - p2) * y))
+        return self.sws.forward_reference(self.act(self.w0 * i + p2 * x + (1 - p2) * y))
 
 
 @register_block(channels=channels.concat)

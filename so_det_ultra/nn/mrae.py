@@ -1,8 +1,9 @@
 """MRAE, the MultiResolution Attention Extractor: fuse several pyramid levels into the finest one with learned weights.
 
-Source: "MultiResolution Attention Extractor for Small Object Detection" (seed 001), sec. 3.1 (soft attention) and
-sec. 3.2 (attention-based feature interaction, MRAE). The paper fuses ResNet levels C1, C2, C3 (strides s, 2s, 4s) for
-Faster R-CNN; here the levels are any YOLO feature maps listed in the YAML row's ``from``, finest first.
+Source: "MultiResolution Attention Extractor for Small Object Detection" (paper; summary in docs/blocks.md, "MRAE"),
+sec. 3.1 (soft attention) and sec. 3.2 (attention-based feature interaction, MRAE). The paper fuses ResNet levels C1,
+C2, C3 (strides s, 2s, 4s) for Faster R-CNN; here the levels are any YOLO feature maps listed in the YAML row's
+``from``, finest first.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def cosine_level_weights(vectors: torch.Tensor, template: int, tau: float = 1.0)
 class MRAE(nn.Module):
     """Fuse L feature levels into the finest level's resolution with attention weights that sum to 1.
 
-    Source: seed 001 (MRAE), sec. 3.2, and sec. 3.1 for ``mode="soft"``. For levels F_1 (finest) ... F_L::
+    Source: "MultiResolution Attention Extractor for Small Object Detection", sec. 3.2, and sec. 3.1 for
+    ``mode="soft"``. For levels F_1 (finest) ... F_L::
 
         mode="cosine" (sec. 3.2):
             v_i = FC(GAP(Conv1x1(F_i)))                    per-level descriptor in R^d
@@ -78,8 +80,9 @@ class MRAE(nn.Module):
         torch.Size([2, 24, 32, 32])
     """
 
-    def __init__(self, c1: list, c2: int, template: int = 1, mode: str = "cosine", dim: int | None = None,
-                 tau: float = 1.0):
+    def __init__(
+        self, c1: list, c2: int, template: int = 1, mode: str = "cosine", dim: int | None = None, tau: float = 1.0
+    ):
         super().__init__()
         if not isinstance(c1, (list, tuple)) or len(c1) < 2:
             raise ValueError(f"MRAE fuses two or more levels, got input channels {c1!r}; list them in `from`")

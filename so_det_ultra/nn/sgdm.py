@@ -1,12 +1,18 @@
 """SGDM and RDConv: spatial attention whose convolution kernel is generated from the input (dynamic), cheaply.
 
-Source: "Razor Dynamic Convolution" / Static-Guided Dynamic Module abstract (seed 003, second abstract; SPEC sec. 5).
-Only the abstract is public (no code, no equations). Its argument: spatial attention (CBAM-style
-``sigmoid(conv([mean_c, max_c]))``) uses a static convolution; a dynamic one adapts to content but (1) its kernel
-generator is heavy and (2) the generator ignores spatial information; dynamic kernels are also sensitive to
-high-frequency noise. RDConv answers (1) with a "razor" operation and (2) with a spatial branch; SGDM answers the noise
-with weight-shared asymmetric static kernels (1xk, kx1, kxk) that guide the dynamic kernel.
-Everything below is an **interpretation of the abstract**.
+Source: "SGDM: Static-Guided Dynamic Module Make Stronger Visual Models" (Xing, Cui, Qi; arXiv 2403.18282), abstract
+only: no code and no equations are public. Its argument: spatial attention (CBAM-style ``sigmoid(conv([mean_c,
+max_c]))``) uses a static convolution; a dynamic one adapts to content but (1) its kernel generator is heavy and (2) the
+generator ignores spatial information; dynamic kernels are also sensitive to high-frequency noise. Razor Dynamic
+Convolution (RDConv) answers (1) with a "razor" operation and (2) with a spatial branch; SGDM answers the noise with
+weight-shared asymmetric static kernels (1xk, kx1, kxk) that guide the dynamic kernel.
+Everything below is an **interpretation of the abstract**, including where the modules go: the abstract reports
+"backbones equipped with SGDM" at "+0.19M on YOLOv8n" (and +0.33M on YOLOv5n). ``cfg/models/yolov8-sgdm.yaml`` reads
+that as one SGDM (k=7, razor=1) after each of YOLOv8's four backbone stages: +183,800 params on YOLOv8n (-3% of the
+abstract's figure). ``razor=1`` keeps the razor conv at C channels; the razor that makes the generator cheap is then the
+pooling of the whole map into two m-vectors (channel and spatial branch) before any kernel weight is generated, so the
+generator's size does not grow with H x W. ``cfg/models/yolov8-sgdm-neck.yaml`` (SGDM on the neck outputs, razor=16,
++11,878) is the light variant. See docs/blocks.md.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def dynamic_conv(u: torch.Tensor, weight: torch.Tensor, cin: int, k: int) -> tor
 class RDConv(nn.Module):
     """Razor Dynamic Convolution: a kxk kernel for a ``cin``-channel map, generated per image from guide features x.
 
-    Interpretation of the abstract (seed 003)::
+    Interpretation of the abstract::
 
         z     = Conv1x1_{C -> m}(x),  m = max(C // razor, 4)       "razor": shave C channels to a thin m first, so
                                                                     every generator weight scales with m, not C
@@ -61,7 +67,7 @@ class RDConv(nn.Module):
         p     = sum_{hw} softmax_{hw}(Conv1x1_{m -> 1}(z)) z_{hw}   spatial branch (attention pooling: where it is)
         D     = reshape(Linear_c(g) + Linear_s(p)) in R^{cin x k x k}   dynamic kernel offsets
         W_s   = K + row(a) + col(a)      static guide: kxk kernel K plus ONE k-tap vector a per input channel used
-                                         both as the 1xk (centre row) and the kx1 (centre column) kernel (shared weights)
+                                         both as the 1xk (centre row) and the kx1 (centre column) kernel (shared)
         W(x)  = W_s * (1 + tanh(D))      guide="mul": the dynamic part rescales the static kernel by a factor in (0, 2)
               = W_s + D                  guide="add": free dynamic offsets (no damping)
         y     = conv(u, W(x)) + bias     stride 1, zero padding k//2, one output channel
@@ -70,9 +76,13 @@ class RDConv(nn.Module):
     a bounded multiplicative modulation keeps the kernel's shape that of the (smooth, shared-weight) static kernel.
     With a constant generator (D the same for every input) RDConv is exactly a static conv with kernel W_s(1+tanh D).
 
+    Parameters: ``C*m + 2m`` (razor conv + BN) ``+ m + 1`` (spatial branch) ``+ 2(m + 1) cin k^2`` (generators)
+    ``+ cin k^2 + cin k + 1`` (static guide, shared taps, bias); for cin=2, k=7: ``C*m + 199m + 310``.
+
     Args:
         c1 (int): Guide-feature channels C. cin (int): Channels of the map being convolved. k (int): Odd kernel size.
-        razor (int): Channel reduction of the razor. guide (str): "mul" or "add".
+        razor (int): Channel reduction of the razor (m = max(C // razor, 4); 1 keeps m = C).
+        guide (str): "mul" or "add".
     """
 
     def __init__(self, c1: int, cin: int = 2, k: int = 7, razor: int = 16, guide: str = "mul"):
@@ -127,13 +137,15 @@ class RDConv(nn.Module):
 class SGDM(nn.Module):
     """Static-Guided Dynamic Module: spatial attention with an RDConv instead of CBAM's static 7x7 conv.
 
-    Interpretation of the abstract (seed 003)::
+    Interpretation of the abstract::
 
         s   = [mean_c(x), max_c(x)]                  (B, 2, H, W), CBAM spatial descriptor
         a   = sigmoid(RDConv(x, s))                  (B, 1, H, W), kernel generated from x, guided by static kernels
         out = x * a
 
-    Channel-preserving, so it drops in after any neck layer (``[-1, 1, SGDM, []]``).
+    Channel-preserving, so it drops in after any layer: a backbone stage (``[-1, 1, SGDM, [7, 1]]`` in
+    ``yolov8-sgdm.yaml``, the abstract's "backbones equipped with SGDM" at its +0.19M budget) or a neck output
+    (``[-1, 1, SGDM, []]`` in ``yolov8-sgdm-neck.yaml`` and ``so-det-sgdm.yaml``).
 
     Args:
         channels (int): Input = output channels. k (int): Odd kernel size (CBAM: 7). razor (int): RDConv's channel

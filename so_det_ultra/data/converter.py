@@ -1,0 +1,237 @@
+"""The converter skeleton that the VisDrone (:mod:`.visdrone`) and SODA-D (:mod:`.soda`) converters fill in.
+
+A converter subclasses :class:`Converter`, sets its class attributes (dataset name, class names, ``so_det:`` key,
+environment variable, "not found" message) and writes three methods: :meth:`~Converter.find` (sources in an unpacked
+folder), :meth:`~Converter.archives` (official archives in a folder) and :meth:`~Converter.convert_split` (one
+source split into a :class:`SplitWriter`). The skeleton keeps the guarantees every converter gives:
+
+- the source is never modified: the output may not be, or lie inside, a source folder, nor hold one in the folders
+  it rewrites (:func:`check_dst`); archives are unpacked into ``<dst>/.extract``, removed afterwards;
+- bad input lines are reported as ``file:line: reason`` and counted in the :class:`~._summary.Summary`;
+- reruns are safe: every output is written atomically and only when its bytes change, and files in the owned
+  folders (``images/``, ``labels/``, ``sidecars/`` of each converted split) that this run did not write are removed;
+- the end summary goes to ``<dst>/convert-<name>.log`` and to Ultralytics' ``LOGGER``; the Summary is returned.
+
+Layout and sidecar schema: :mod:`so_det_ultra.data.contract`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from so_det_ultra.data import _io, contract
+from so_det_ultra.data._summary import Summary
+
+EXTRACT_DIR = ".extract"  # under the output root: archives are unpacked here for the run, then removed
+GREY = 114  # Ultralytics' letterbox padding value, used to mask ignored regions (as ESOD does)
+
+
+def check_dst(src, dst) -> None:
+    """Refuse output touching the source: ``dst`` equal to or inside ``src``, or ``src`` inside an output folder.
+
+    ``src`` is one source folder (or annotation file); ``dst`` may contain it (e.g. the official folders unzipped into
+    the dataset root), as long as it is not under one of the folders the converter rewrites
+    (:data:`~so_det_ultra.data.contract.OUTPUT_DIRS`).
+    """
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if d == s or s in d.parents:
+        raise ValueError(f"output folder {d} must not be the source folder {s} or inside it: the source is read-only")
+    for owned in contract.OUTPUT_DIRS:
+        if (d / owned) == s or (d / owned) in s.parents:
+            raise ValueError(f"source {s} lies inside the output folder {d / owned}, which the converter rewrites")
+
+
+def fill_ignored(img, ann: contract.Annotation, grey: int = GREY):
+    """Fill ``ann``'s ignored regions of ``img`` (HxWxC array, modified in place) with grey; objects' pixels kept."""
+    import numpy as np
+
+    mask = np.zeros(img.shape[:2], bool)
+    for x1, y1, x2, y2 in ann.ignore:
+        mask[int(y1) : math.ceil(y2), int(x1) : math.ceil(x2)] = True
+    for _, x1, y1, x2, y2, *_ in ann.objects:
+        mask[int(y1) : math.ceil(y2), int(x1) : math.ceil(x2)] = False
+    img[mask] = grey
+    return img
+
+
+@dataclass(frozen=True)
+class Source:
+    """One split of the source dataset, as a converter found it.
+
+    Attributes:
+        split: Split name in the output (``train``, ``val``, ``test``).
+        images: Folder holding the split's images.
+        annotations: The split's annotation folder (VisDrone) or file (SODA-D JSON).
+        guard: Folders the output must not touch (:func:`check_dst`).
+        extracted: True when unpacked from an archive into the temporary folder (hardlinks to it are then safe).
+    """
+
+    split: str
+    images: Path
+    annotations: Path
+    guard: tuple = ()
+    extracted: bool = False
+
+
+@dataclass
+class SplitWriter:
+    """Writes one split of the output (image, label, sidecar per image or tile) and removes its stale files.
+
+    Use as a context manager: on a clean exit, files of the owned folders that were not written are removed.
+    """
+
+    dst: Path
+    split: str
+    summary: Summary
+    keep: dict = field(default_factory=lambda: {d: set() for d in contract.OUTPUT_DIRS})
+
+    def write(
+        self,
+        name: str,
+        width: int,
+        height: int,
+        ann: contract.Annotation,
+        *,
+        image_bytes=None,
+        image_src=None,
+        mode: str = "copy",
+        tile: dict | None = None,
+    ) -> None:
+        """Write image ``name`` (``image_bytes``, or placed from ``image_src`` by ``mode``), its label and sidecar.
+
+        Objects are counted in the summary here, so tiles count every object they hold.
+        """
+        stem = Path(name).stem
+        img = contract.split_dir(self.dst, contract.IMAGES, self.split) / name
+        lbl = contract.split_dir(self.dst, contract.LABELS, self.split) / f"{stem}.txt"
+        side = contract.split_dir(self.dst, contract.SIDECARS, self.split) / f"{stem}.json"
+        if image_bytes is not None:
+            changed = _io.atomic_write_bytes(img, image_bytes)
+        else:
+            changed = _io.place_image(image_src, img, mode)
+        changed += _io.atomic_write_text(lbl, contract.yolo_rows(ann.objects, width, height))
+        changed += contract.write_sidecar(side, name, width, height, ann, tile)
+        for c, x1, y1, x2, y2, *_ in ann.objects:
+            self.summary.add_object(c, x2 - x1, y2 - y1)
+        self.summary.files_written += changed
+        self.summary.images[self.split] += 1
+        for kind, path in ((contract.IMAGES, img), (contract.LABELS, lbl), (contract.SIDECARS, side)):
+            self.keep[kind].add(path.name)
+
+    def close(self) -> None:
+        """Remove files of this split's owned folders that this run did not write."""
+        for kind, names in self.keep.items():
+            self.summary.stale_removed += _io.remove_stale(contract.split_dir(self.dst, kind, self.split), names)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+
+
+class Converter(ABC):
+    """Skeleton of an official-annotations -> YOLO + sidecars converter (see the module docstring).
+
+    Attributes:
+        name: Dataset name: progress labels and the log file ``convert-<name>.log``.
+        names: Class names ``{index: name}`` (a converter may replace them from the source, e.g. SODA-D's JSON).
+        so_det: The data YAML's ``so_det:`` key (:func:`~so_det_ultra.data.contract.so_det_key`).
+        env: Environment variable naming a folder with the source files (for the YAML's ``download:`` step).
+        missing: "Not found" message, formatted with ``where`` and ``env``.
+    """
+
+    name: str
+    names: dict
+    so_det: dict
+    env: str
+    missing: str
+
+    def __init__(self, images: str, mask_ignored: bool, show_progress: bool):
+        if images not in _io.IMAGE_MODES:
+            raise ValueError(f"image mode must be one of {_io.IMAGE_MODES}, got {images!r}")
+        self.images, self.mask_ignored, self.show_progress = images, mask_ignored, show_progress
+
+    @classmethod
+    @abstractmethod
+    def find(cls, src: Path) -> list[Source]:
+        """The sources in an unpacked folder ``src`` (empty if none)."""
+
+    @classmethod
+    @abstractmethod
+    def archives(cls, src: Path) -> list[Path]:
+        """The official archives at ``src`` (a folder, or an archive itself)."""
+
+    @abstractmethod
+    def locate(self, src: Path, extract: Path) -> list[Source]:
+        """The sources to convert, unpacking archives into ``extract`` (with :meth:`unpack`) where needed."""
+
+    @abstractmethod
+    def convert_split(self, source: Source, out: SplitWriter) -> dict | None:
+        """Convert ``source`` through ``out``; return the class names read from the source, or None."""
+
+    def image_mode(self, source: Source) -> str:
+        """How unmodified images reach the output: files unpacked for this run are hardlinked instead of copied."""
+        return "hardlink" if source.extracted and self.images == "copy" else self.images
+
+    def unpack(self, archive: Path, extract: Path) -> Path:
+        from ultralytics.utils import LOGGER
+
+        LOGGER.info(f"extracting {archive} ...")
+        return _io.extract_archive(archive, extract)
+
+    def run(self, src, dst, verbose: bool = True) -> Summary:
+        """Convert ``src`` into ``dst``: sources, splits, ``data.yaml``, log. Returns the run's summary."""
+        src, dst = Path(src), Path(dst)
+        if not src.exists():
+            raise FileNotFoundError(self.missing.format(where=src, env=self.env))
+        summary, names = Summary(names=dict(self.names)), None
+        extract = dst / EXTRACT_DIR
+        try:
+            sources = self.locate(src, extract)
+            if not sources:
+                raise FileNotFoundError(self.missing.format(where=src, env=self.env))
+            for source in sources:
+                for folder in source.guard:
+                    check_dst(folder, dst)
+            for source in sources:
+                with SplitWriter(dst, source.split, summary) as out:
+                    got = self.convert_split(source, out)
+                if got is not None and names is not None and got != names:
+                    raise ValueError(f"{source.annotations}: categories {got} differ from the other splits' {names}")
+                names = got if got is not None else names
+        finally:
+            if extract.exists():
+                shutil.rmtree(extract)
+        if names is not None:
+            summary.names = names
+        self.finish(dst, summary, verbose)
+        return summary
+
+    def finish(self, dst: Path, summary: Summary, verbose: bool) -> None:
+        """Write ``data.yaml`` and the log; hand the summary to Ultralytics' ``LOGGER`` when ``verbose``."""
+        from ultralytics.utils import LOGGER
+
+        contract.write_data_yaml(dst, summary.names, self.so_det)
+        if not contract.split_dir(dst, contract.IMAGES, "val").is_dir():
+            LOGGER.warning(f"no val split in {dst}; data.yaml uses train as val (convert the val split to fix)")
+        _io.atomic_write_text(
+            dst / f"convert-{self.name}.log", summary.format(max_problems=len(summary.problems)) + "\n"
+        )
+        if verbose:
+            LOGGER.info(summary.format())
+
+    @classmethod
+    def found(cls, folder: Path) -> bool:
+        """True when ``folder`` holds the dataset, unpacked or as archives."""
+        return bool(cls.find(folder) or cls.archives(folder))
+
+    @classmethod
+    def local_source(cls, data: dict) -> Path:
+        """For a data YAML's offline ``download:`` step: the folder holding the source (``$env``, ``path``, parent)."""
+        return _io.find_local_source(data, cls.env, cls.found, cls.missing)
