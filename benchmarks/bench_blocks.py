@@ -27,8 +27,14 @@ class _Call(torch.nn.Module):
         return self.fn(*xs)
 
 
-def ort_session(fn, owner, inputs, threads: int):
-    """(run callable, output) of ``fn`` exported to ONNX and loaded in ONNX Runtime (CPU)."""
+def ort_session(fn, owner, inputs, threads: int, sessions: int = 3):
+    """(run callable, output) of ``fn`` exported to ONNX, loaded in ``sessions`` ONNX Runtime sessions used in turn.
+
+    Identical sessions of one graph can differ by tens of percent (allocation, thread placement), so each call
+    uses the next session.
+    """
+    import itertools
+
     import onnx
     import onnxruntime as ort
 
@@ -46,9 +52,12 @@ def ort_session(fn, owner, inputs, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    pool = [
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]) for _ in range(sessions)
+    ]
     feed = {n: x.numpy() for n, x in zip(names, inputs)}
-    return (lambda: sess.run(None, feed)), sess.run(None, feed)[0]
+    cycle = itertools.cycle(pool)
+    return (lambda: next(cycle).run(None, feed)), pool[0].run(None, feed)[0]
 
 
 def cases():
@@ -90,12 +99,13 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sessions", type=int, default=3, help="identical ORT sessions per variant, used in turn")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = []
     for name, ref, fast, owner, inputs in cases():
-        run_ref, out_ref = ort_session(ref, owner, inputs, a.threads)
-        run_fast, out_fast = ort_session(fast, owner, inputs, a.threads)
+        run_ref, out_ref = ort_session(ref, owner, inputs, a.threads, a.sessions)
+        run_fast, out_fast = ort_session(fast, owner, inputs, a.threads, a.sessions)
         err = float(np.abs(out_fast - out_ref).max() / max(np.abs(out_ref).max(), 1e-12))
         for _ in range(a.warmup):
             run_ref(), run_fast()
@@ -108,7 +118,10 @@ def main(argv=None):
         r = np.array(t["fast"]) / np.array(t["ref"])
         rows.append((name, np.median(t["ref"]), np.median(t["fast"]), *np.percentile(r, [50, 25, 75]), err))
         print(rows[-1], flush=True)
-    print(f"\nONNX Runtime CPU, {a.threads} threads, batch 1, median of {a.runs} interleaved rounds\n")
+    print(
+        f"\nONNX Runtime CPU, {a.threads} threads, batch 1, median of {a.runs} interleaved rounds, "
+        f"{a.sessions} sessions each\n"
+    )
     print("| block (so-det-s shape) | reference ms | fast ms | fast / reference | max err / scale |")
     print("|---|---|---|---|---|")
     for name, ref_ms, fast_ms, med, lo, hi, err in rows:

@@ -9,14 +9,18 @@ size, sorted by name). Every mode runs the same so-det-esod model at the frame's
   (``heatmap_target`` of the GT boxes: isolates the slicing machinery), (b) the model's own seeker.
 - sliced: 640 px tiles, 20 % overlap, plus a 640 full-frame pass, NMS merge (so_det_ultra.highres.sliced).
 
-Reported per mode: mean latency per frame (over all frames and timed rounds; ratios are ratios of these means), GFLOPs per frame (every op actually run, counted by
-so_det_ultra.utils.flops.FlopCounter around the whole predictor), patches or tiles (+1 full-frame pass) per frame, GT coverage (share of GT objects >= 4 px whose centre lies in a kept patch core: the ceiling sparse
-recall can reach relative to dense) and detection recall (IoU 0.5, objects >= 4 px, conf >= --conf).
+Reported per mode (learned-seeker modes first): mean latency per frame (over all frames and timed rounds; ratios are
+ratios of these means), GFLOPs per frame (every op actually run, counted by so_det_ultra.utils.flops.FlopCounter
+around the whole predictor), patches or tiles (+1 full-frame pass) per frame, GT coverage (seeker recall: share of GT
+objects >= 4 px whose centre lies in a kept patch core, the ceiling sparse recall can reach relative to dense) and
+detection recall (IoU 0.5, objects >= 4 px, conf >= --conf).
 
 Weights: without trained weights the detector finds nothing, so recall is only meaningful with ``--weights``. The
-``train`` step fits so-det-esod on native-resolution 256 px crops of the other sample images (CPU, ~25 min)::
+``train`` step fits so-det-esod on native-resolution 256 px crops of the other sample images (CPU, ~25 min), densely
+or, with ``--patch N``, with ESOD's patch training (``esod_train:``, so_det_ultra.highres.train)::
 
     python benchmarks/bench_highres.py train --epochs 5 --out runs/highres          # writes runs/highres/train/weights
+    python benchmarks/bench_highres.py train --tile 512 --patch 2 --out runs/highres-patch   # 256 px patches
     python benchmarks/bench_highres.py bench --weights runs/highres/train/weights/best.pt --frames 6
     python benchmarks/bench_highres.py head        # the sparse head alone against the dense Detect head
 """
@@ -108,7 +112,7 @@ def train(a):
     held, rest = split_frames(Path(a.sample))
     data = make_crops(rest, Path(a.sample), Path(a.out) / "crops", tile=a.tile, max_crops=a.max_crops)
     print(f"{len(rest)} training images -> crops in {data.parent}; {len(held)} held-out frames for the benchmark")
-    YOLO(a.model).train(
+    YOLO(train_model(a)).train(
         data=str(data),
         epochs=a.epochs,
         imgsz=a.tile,
@@ -122,6 +126,25 @@ def train(a):
         mosaic=0.5,
         close_mosaic=0,
     )
+
+
+def train_model(a) -> str:
+    """The model to train: a checkpoint as given, or the model YAML with the loss and patch-training options set."""
+    if not a.model.endswith(".yaml"):
+        return a.model
+    import yaml
+
+    from so_det_ultra import paths
+
+    src = Path(a.model) if Path(a.model).is_file() else paths.model_cfg(a.model)
+    cfg = yaml.safe_load(Path(src).read_text())
+    cfg["loss"] = {**cfg.get("loss", {}), "weights": a.weights_mode, "frame_area": a.frame_area}
+    if a.patch:
+        cfg["esod_train"] = {"patch": a.patch, "warmup_epochs": a.warmup_epochs}
+    out = Path(a.out) / Path(a.model).name  # same file name: the scale letter is read from it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(out)
 
 
 # --- measurement ------------------------------------------------------------------------------------------------------
@@ -138,14 +161,17 @@ def recall(det_xyxy: np.ndarray, gt: np.ndarray, min_size: float = 4.0, iou: flo
     return int((m.max(1).values >= iou).sum()), len(gt)
 
 
-def coverage(patches, gt: np.ndarray, scale: float, pad: tuple[float, float], min_size: float = 4.0):
-    """(covered, total) GT objects >= ``min_size`` whose centre (in letterboxed-input pixels) is in a patch core."""
+def coverage(patches, gt: np.ndarray, scale: float, pad: tuple[float, float], cell: int, min_size: float = 4.0):
+    """(covered, total) GT objects >= ``min_size`` whose centre (in letterboxed-input pixels) is in a patch core.
+
+    ``cell`` is the heatmap cell in input pixels (``SparseModel.cell``), the unit of the patches' coordinates.
+    """
     gt = gt[((gt[:, 3] - gt[:, 1]) >= min_size) & ((gt[:, 4] - gt[:, 2]) >= min_size)]
     cx = (gt[:, 1] + gt[:, 3]) / 2 * scale + pad[0]
     cy = (gt[:, 2] + gt[:, 4]) / 2 * scale + pad[1]
     inside = np.zeros(len(gt), bool)
     for p in patches:
-        y0, x0, y1, x1 = (v * 8 for v in p.core)
+        y0, x0, y1, x1 = (v * cell for v in p.core)
         inside |= (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
     return int(inside.sum()), len(gt)
 
@@ -155,15 +181,15 @@ def letterbox_geometry(h, w, hw):
     return r, ((hw[1] - round(w * r)) / 2, (hw[0] - round(h * r)) / 2)
 
 
-def oracle_heatmap(gts):
+def oracle_heatmap(gts, cell: int):
+    """``heat(n, image_hw, input_hw, cells)``: the ground-truth heatmap of frame ``n`` on ``cell``-px cells."""
     from so_det_ultra.losses.esod import heatmap_target
 
-    def heat(n, path, hw, cells):
+    def heat(n, image_hw, hw, cells):
         objs, _ = gts[n]
-        img_h, img_w = path  # the caller passes the image's (h, w)
-        r, (px, py) = letterbox_geometry(img_h, img_w, hw)
+        r, (px, py) = letterbox_geometry(*image_hw, hw)
         b = torch.as_tensor(objs[:, 1:]) * r + torch.tensor([px, py, px, py])
-        return heatmap_target(b, cells, 8)[0]
+        return heatmap_target(b, cells, cell)[0]
 
     return heat
 
@@ -192,20 +218,23 @@ def bench(a):
         f"{len(frames)} frames {sorted({im.shape[:2] for im in images})}; torch threads {a.threads}"
     )
 
-    sparse_modes = {
-        "sparse-oracle": dict(oracle=True),
-        "sparse-oracle+head": dict(oracle=True, sparse_head=True),
+    sparse_modes = {  # learned seeker first (the goal is stated for it), then the oracle heatmap
         "sparse-seeker": dict(oracle=False),
         "sparse-seeker+head": dict(oracle=False, sparse_head=True),
+        "sparse-seeker no-prune": dict(oracle=False, prune=False),
+        "sparse-oracle": dict(oracle=True),
+        "sparse-oracle+head": dict(oracle=True, sparse_head=True),
     }
     sparse_modes.update({f"sparse-oracle p{k}": dict(oracle=True, patch=k) for k in a.patch_sweep})
     sparse_modes["sparse-oracle margin 0"] = dict(oracle=True, margin=0)
-    modes = ("dense", *sparse_modes, "sliced")
+    if a.modes:
+        sparse_modes = {k: v for k, v in sparse_modes.items() if k in a.modes}
+    modes = ("dense", *sparse_modes, *(("sliced",) if not a.modes or "sliced" in a.modes else ()))
     rows = {
         m: {"ms": [], "found": 0, "total": 0, "cov": 0, "covn": 0, "units": [], "gflops": [], "parts": []}
         for m in modes
     }
-    oracle = oracle_heatmap(gts)
+    oracle = oracle_heatmap(gts, sm.cell)
 
     def run(mode, n, img):
         if mode == "dense":
@@ -236,7 +265,7 @@ def bench(a):
             r["found"], r["total"] = r["found"] + f, r["total"] + t
             if mode.startswith("sparse"):
                 x_hw = common.letterbox(img, None, sm.stride).shape[2:]
-                c, t = coverage(res.patches, gts[n][0], *letterbox_geometry(*img.shape[:2], x_hw))
+                c, t = coverage(res.patches, gts[n][0], *letterbox_geometry(*img.shape[:2], x_hw), sm.cell)
                 r["cov"], r["covn"] = r["cov"] + c, r["covn"] + t
     for _ in range(a.rounds):  # timed rounds, modes interleaved per frame
         for n, img in enumerate(images):
@@ -266,7 +295,8 @@ def head(a):
         m8 = dilate(torch.rand(12, p4_cells, p4_cells) < seeds, 2)
         masks = [m8.repeat_interleave(2, 1).repeat_interleave(2, 2), m8, F.max_pool2d(m8[:, None].float(), 2)[:, 0] > 0]
         ms = {}
-        for name, fn in (("dense", lambda: det(feats)), ("sparse", lambda: sparse_detect(det, feats, masks))):
+        runs = (("dense", lambda: det(feats)), ("sparse", lambda m=masks: sparse_detect(det, feats, m)))
+        for name, fn in runs:
             with torch.no_grad():
                 fn()
                 t0 = time.perf_counter()
@@ -296,12 +326,17 @@ def report(rows, a):
         if mode.startswith("sparse"):
             keys = ("preprocess", "stem", "select", "patches", "postprocess")
             print(f"  {mode}: " + ", ".join(f"{k} {statistics.mean(p[k] for p in r['parts']):.0f}" for k in keys))
-    sliced = statistics.mean(rows["sliced"]["ms"])
+    sliced = statistics.mean(rows["sliced"]["ms"]) if "sliced" in rows else None
+
+    def rec(m):
+        return rows[m]["found"] / max(rows[m]["total"], 1)
+
     for m in [k for k in rows if k.startswith("sparse")]:
         ms = statistics.mean(rows[m]["ms"])
+        vs_sliced = f", {sliced / ms:.2f}x faster than sliced (goal >= 5x)" if sliced else ""
         print(
-            f"{m}: {dense / ms:.2f}x faster than dense (goal >= 3x), {sliced / ms:.2f}x faster than sliced "
-            f"(goal >= 5x), recall {100 * (rows[m]['found'] / max(rows[m]['total'], 1) - rows['dense']['found'] / max(rows['dense']['total'], 1)):+.1f} points vs dense (goal >= -2)"
+            f"{m}: {dense / ms:.2f}x faster than dense (goal >= 3x){vs_sliced}, "
+            f"recall {100 * (rec(m) - rec('dense')):+.1f} points vs dense (goal >= -2)"
         )
 
 
@@ -318,6 +353,15 @@ def main(argv=None):
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--tile", type=int, default=256, help="crop size = training imgsz (native resolution)")
     t.add_argument("--max-crops", type=int, default=600)
+    t.add_argument("--patch", type=int, default=0, help="ESOD patch training: patches per side (0: dense training)")
+    t.add_argument("--warmup-epochs", type=int, default=1, help="patch training: ground-truth-patch epochs")
+    t.add_argument("--weights-mode", default="official", choices=("official", "none"), help="ESODLoss weights")
+    t.add_argument(
+        "--frame-area",
+        type=float,
+        default=1920 * 1080,
+        help="ESODLoss frame_area: native-resolution crops of ~1080p frames count object areas in input pixels",
+    )
     b = sub.choices["bench"]
     b.add_argument("--weights", help="trained so-det-esod checkpoint (default: untrained --model)")
     b.add_argument("--frames", type=int, default=4, help="held-out frames per size (1920x1080, 2000x1500)")
@@ -328,6 +372,7 @@ def main(argv=None):
     b.add_argument("--seeker-thr", type=float, default=0.5, help="heatmap threshold with the model's seeker")
     b.add_argument("--patch-sweep", type=int, nargs="*", default=[16], help="extra oracle runs at these patch sizes")
     b.add_argument("--margin", type=int, default=2)
+    b.add_argument("--modes", nargs="*", help="only these sparse modes (and sliced if named); dense always runs")
     b.add_argument("--threads", type=int, default=2)
     h = sub.choices["head"]
     h.add_argument("--rounds", type=int, default=5)

@@ -36,7 +36,7 @@ DEFAULT = [
     "so-det-clwa-s.yaml",
     "so-det-fast-n.yaml",
     "so-det-fast-s.yaml",
-    *(["so-det26-n.yaml", "so-det26-s.yaml", "so-det26-m.yaml"] if SO_DET26.exists() else []),
+    *(["so-det26-n.yaml", "so-det26-s.yaml", "so-det26-m.yaml", "so-det26-fast-s.yaml"] if SO_DET26.exists() else []),
     "yolo11n.yaml",
     "yolo11s.yaml",
     "yolo11m.yaml",
@@ -48,7 +48,7 @@ DEFAULT = [
 GOAL_MODELS = [
     "so-det-s.yaml",
     "so-det-fast-s.yaml",
-    *(["so-det26-s.yaml"] if SO_DET26.exists() else []),
+    *(["so-det26-s.yaml", "so-det26-fast-s.yaml"] if SO_DET26.exists() else []),
     "yolov8n-p2.yaml",
     "yolo26n-p2.yaml",
 ]
@@ -66,6 +66,7 @@ PEER = {
     "so-det26-n": "yolo26n-p2",
     "so-det26-s": "yolo26n-p2",
     "so-det26-m": "yolo26s-p2",
+    "so-det26-fast-s": "yolo26n-p2",
 }
 # issue 14's goals: (model, peer, target ratio or None for information)
 GOALS = [
@@ -73,6 +74,7 @@ GOALS = [
     ("so-det26-s", "yolo26n-p2", 1.0),
     ("yolo26n-p2", "yolov8n-p2", 0.5),
     ("so-det-fast-s", "yolov8n-p2", 1.0),
+    ("so-det26-fast-s", "yolo26n-p2", 1.0),
 ]
 
 
@@ -128,17 +130,28 @@ def torch_runner(model, imgsz):
     return run
 
 
-def ort_runner(y, imgsz, threads):
+def ort_runner(y, imgsz, threads, sessions=2):
+    """Callable running the exported model; each call uses the next of ``sessions`` identical ORT sessions.
+
+    Identical sessions of one graph can differ by tens of percent on these machines (allocation and thread placement),
+    so each model's time is its median over several sessions instead of one session's luck.
+    """
+    import itertools
+
     import onnxruntime as ort
 
     f = y.export(format="onnx", imgsz=imgsz, simplify=True, verbose=False)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle sessions must not steal the cores
-    sess = ort.InferenceSession(f, so, providers=["CPUExecutionProvider"])
+    pool = itertools.cycle([ort.InferenceSession(f, so, providers=["CPUExecutionProvider"]) for _ in range(sessions)])
     x = np.zeros((1, 3, imgsz, imgsz), np.float32)
-    name = sess.get_inputs()[0].name
-    return lambda: sess.run(None, {name: x})
+
+    def run():
+        sess = next(pool)
+        return sess.run(None, {sess.get_inputs()[0].name: x})
+
+    return run
 
 
 def train_throughput(model, imgsz, steps, batch):
@@ -183,6 +196,7 @@ def main(argv=None):
     p.add_argument("--train-imgsz", type=int, default=320)
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--sessions", type=int, default=2, help="identical ORT sessions per model, used in turn")
     p.add_argument(
         "--reference-blocks",
         action="store_true",
@@ -217,7 +231,7 @@ def main(argv=None):
                 }
                 torch_fns[stem] = torch_runner(fused, a.imgsz)
                 if not a.no_onnx:
-                    ort_fns[stem] = ort_runner(y, a.imgsz, a.threads)
+                    ort_fns[stem] = ort_runner(y, a.imgsz, a.threads, a.sessions)
                 if a.train_steps:
                     rows[stem]["train_img_s"] = train_throughput(
                         build(name, a.nc, tmp).model, a.train_imgsz, a.train_steps, a.train_batch

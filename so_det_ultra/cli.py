@@ -18,10 +18,11 @@ import argparse
 import sys
 
 from so_det_ultra.data import cli as data_cli
+from so_det_ultra.demo import cli as demo_cli
 from so_det_ultra.highres import cli as highres_cli
 from so_det_ultra.metrics import cli as metrics_cli
 
-COMMANDS = (data_cli, metrics_cli, highres_cli)  # synthetic + convert, eval, predict
+COMMANDS = (demo_cli, data_cli, metrics_cli, highres_cli)  # demo, synthetic + convert, eval, predict
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,8 +72,17 @@ class LayerSpec:
         return [self.ch[x] for x in self.f]
 
     def scale_channels(self, c: int) -> int:
-        """Apply ``width`` and ``max_channels`` as Ultralytics does for its layers (rounded up to a multiple of 8)."""
-        return int(math.ceil(min(c, self.max_channels) * self.width / 8) * 8)
+        """Apply ``width`` and ``max_channels`` as Ultralytics does for its layers (rounded up to a multiple of 8).
+
+        A result below 1 (``c``, ``width`` or ``max_channels`` zero or negative) is an error naming the layer.
+        """
+        c2 = int(math.ceil(min(c, self.max_channels) * self.width / 8) * 8)
+        if c2 < 1:
+            self.fail(
+                f"output channels {c} at width {self.width:g}, max_channels {self.max_channels:g} give {c2} channels; "
+                "channels, width and max_channels must be positive"
+            )
+        return c2
 
 
 @dataclass(frozen=True)

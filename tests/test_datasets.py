@@ -423,7 +423,8 @@ def test_soda_yaml_download_step_converts_local_folder(tmp_path, monkeypatch):
     root = tmp_path / "datasets" / "so-det-soda-d"
     script = yaml.safe_load(_dataset_yaml("soda-d.yaml").read_text())["download"]
     exec(script, {"yaml": {"path": root}})  # what Ultralytics' check_det_dataset does with a Python `download:`
-    assert (root / "images" / "val" / "a.jpg").is_file() and any((root / "images" / "train").glob("a__*.jpg"))
+    assert any((root / "images" / "val").glob("a__*.jpg")) and any((root / "images" / "train").glob("a__*.jpg"))
+    assert (root / "sidecars" / "val" / "a.json").is_file()  # val is tiled (issue 15); a.jpg's own sidecar stays
     assert yaml.safe_load((root / "data.yaml").read_text())["val"] == "images/val"
 
 

@@ -167,8 +167,9 @@ def test_fast_dfl_equals_dfl_eager_and_onnx(reg_max):
     assert_close_to_scale(out, ref[:1])
 
 
-def test_fast_detect_is_detect_with_the_same_state_dict():
+def test_fast_detect_is_detect_with_the_same_state_dict(monkeypatch):
     ch = (16, 32, 64)
+    monkeypatch.setattr(Detect, "legacy", False)  # parse_model sets this class attribute per model built before
     ref, fast = Detect(5, 16, False, ch), FastDetect(5, 16, False, ch, legacy=False)
     assert isinstance(fast, Detect) and isinstance(fast.dfl, FastDFL)
     fast.load_state_dict(ref.state_dict())  # strict: same keys and shapes
@@ -213,8 +214,28 @@ def test_so_det_fast_layout():
 
     fast, paper = YOLO("so-det-fast-s.yaml").model, YOLO("so-det-s.yaml").model
     assert fast.stride.tolist() == [4.0, 8.0, 16.0]
-    assert isinstance(fast.model[-1], FastDetect) and type(paper.model[-1]) is Detect
+    assert isinstance(fast.model[-1], FastDetect) and isinstance(paper.model[-1], FastDetect)  # both: equal maths
     assert fast.model[21].sws.conv.conv.out_channels == 32  # P2 out: 128 x 0.25 (so-det-s: 64)
     assert paper.model[21].sws.conv.conv.out_channels == 64
     n_fast, n_paper = (sum(p.numel() for p in m.parameters()) for m in (fast, paper))
     assert n_fast < n_paper
+
+
+@pytest.mark.parametrize("name", ["so-det-fast-n.yaml", "so-det26-fast-n.yaml"])
+def test_fast_variants_take_a_training_step(name):
+    from ultralytics import YOLO
+    from ultralytics.cfg import get_cfg
+
+    torch.manual_seed(0)
+    model = YOLO(name).model.train()
+    model.args = get_cfg()
+    batch = {
+        "img": torch.rand(2, 3, 64, 64),
+        "batch_idx": torch.tensor([0.0, 1.0]),
+        "cls": torch.tensor([[0.0], [3.0]]),
+        "bboxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.5, 0.08, 0.06]]),
+    }
+    loss, _ = model.loss(batch)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all()
+    assert model.model[21].sws.conv.conv.weight.grad.abs().sum() > 0  # gradients reach the narrow EAFusion

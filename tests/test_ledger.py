@@ -16,11 +16,12 @@ KINDS = {"function", "class attribute", "global", "callback", "safe global"}
 
 def _host_state():
     """Everything install() may touch, as object identities: module functions (in every ultralytics module holding
-    one of the patched names), the two init_criterion methods, the tasks globals, the callback lists, safe globals."""
+    one of the patched names), init_criterion and loss of the two model classes, the tasks globals, the callback
+    lists, safe globals."""
     import ultralytics.nn.tasks as tasks
     from ultralytics.utils.callbacks import base
 
-    names = ("parse_model", "check_file", "guess_model_scale", "guess_model_task")
+    names = ("parse_model", "check_file", "guess_model_scale", "guess_model_task", "torch_safe_load")
     functions = {
         (mod.__name__, n): getattr(mod, n)
         for mod in list(sys.modules.values())
@@ -28,7 +29,11 @@ def _host_state():
         for n in names
         if hasattr(mod, n)
     }
-    methods = {c.__name__: c.__dict__.get("init_criterion") for c in (tasks.DetectionModel, tasks.RTDETRDetectionModel)}
+    methods = {
+        (c.__name__, n): c.__dict__.get(n, ABSENT)
+        for c in (tasks.DetectionModel, tasks.RTDETRDetectionModel)
+        for n in ("init_criterion", "loss")
+    }
     callbacks = {event: list(fns) for event, fns in base.default_callbacks.items()}
     return functions, methods, set(vars(tasks)), callbacks, set(torch.serialization.get_safe_globals())
 
@@ -94,7 +99,7 @@ def test_uninstall_restores_the_host_and_install_runs_again(host, tmp_path, monk
             module, name = c.target.rsplit(".", 1)
             assert c.original is before[0][(module, name)] and changed[0][(module, name)] is c.new
         elif c.kind == "class attribute":
-            assert c.original is before[1][c.target.split(".")[-2]]
+            assert c.original is before[1][tuple(c.target.split(".")[-2:])]
         else:
             assert c.original is ABSENT
     with pytest.raises(AssertionError):

@@ -3,7 +3,11 @@
 Every output file is written to a temporary file in the same folder and moved into place with :func:`os.replace`,
 so an interrupted run never leaves a half-written label or image behind. A file whose bytes would not change is not
 rewritten at all, which keeps reruns idempotent down to the modification times (Ultralytics' label cache stays
-valid).
+valid). Temporary files a killed run left behind (``.<name>.*.tmp``) are removed by the next run
+(:func:`remove_temp`).
+
+Fault injection for tests: with ``SO_DET_FAULT_KILL_AFTER=N`` in the environment, the process SIGKILLs itself right
+after its N-th temporary file is complete and before it is moved into place (the worst moment for a crash).
 """
 
 from __future__ import annotations
@@ -11,11 +15,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import zipfile
 from pathlib import Path
 
 IMAGE_MODES = ("copy", "hardlink", "symlink")
+TEMP_GLOB = ".*.tmp"  # names of the temporary files below: ".<name>.<random or pid>.tmp"
+FAULT_ENV = "SO_DET_FAULT_KILL_AFTER"
+_writes = [0]  # temporary files completed in this process (for FAULT_ENV)
+
+
+def _fault_point() -> None:
+    """SIGKILL this process after the N-th completed temporary file when ``$SO_DET_FAULT_KILL_AFTER`` is N."""
+    n = os.environ.get(FAULT_ENV)
+    if n:
+        _writes[0] += 1
+        if _writes[0] >= int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_temp(folder: Path) -> int:
+    """Delete the temporary files (:data:`TEMP_GLOB`) a killed run left directly inside ``folder``; return how many."""
+    folder = Path(folder)
+    n = 0
+    for p in folder.glob(TEMP_GLOB) if folder.is_dir() else ():
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+            n += 1
+    return n
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> bool:
@@ -31,6 +59,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> bool:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        _fault_point()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -78,6 +107,7 @@ def place_image(src: Path, dst: Path, mode: str = "copy") -> bool:
             os.link(src, tmp)
         else:
             os.symlink(src.resolve(), tmp)
+        _fault_point()
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -137,14 +167,35 @@ def progress(iterable, desc: str, total: int | None = None, enabled: bool = True
 
 
 def image_size(path: Path):
-    """(width, height) from the image header; ``None`` if unreadable."""
+    """(width, height) from the image header; ``None`` if unreadable. See :func:`image_check` for the reason."""
+    size, _ = image_check(path)
+    return size
+
+
+def image_check(path: Path):
+    """``((width, height), None)`` for a complete image, ``(None, reason)`` for a missing, unreadable or cut one.
+
+    Cheap: the header gives the size; completeness is checked at the end of the file for JPEG (the EOI marker
+    ``FFD9``, as Ultralytics' dataset check does) and PNG (the ``IEND`` chunk); other formats are decoded in full.
+    """
     from PIL import Image
 
+    path = Path(path)
     try:
         with Image.open(path) as im:
-            return im.size
-    except Exception:  # any decoder error means "unreadable" to the caller
-        return None
+            size, fmt = im.size, im.format
+            if fmt not in ("JPEG", "PNG"):
+                im.load()
+        with open(path, "rb") as f:
+            f.seek(-12, os.SEEK_END)
+            tail = f.read()
+    except FileNotFoundError:
+        return None, "missing image"
+    except Exception as err:  # any decoder or OS error means "unreadable" to the caller
+        return None, f"unreadable image ({type(err).__name__}: {err})"
+    if (fmt == "JPEG" and tail[-2:] != b"\xff\xd9") or (fmt == "PNG" and b"IEND" not in tail):
+        return None, f"truncated image (no {fmt} end marker)"
+    return size, None
 
 
 def read_image(path: Path):

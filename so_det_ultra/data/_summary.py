@@ -27,6 +27,8 @@ class Summary:
     files_written: int = 0
     stale_removed: int = 0
     problems: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # "file: note" for input that converts but deserves a look
+    temp_removed: int = 0  # temporary files of an interrupted earlier run, removed
 
     def add_object(self, cls: int, w: float, h: float) -> None:
         self.objects[cls] += 1
@@ -37,8 +39,17 @@ class Summary:
         self.problems.append(f"{where}: {reason}")
         self.skipped[f"malformed: {reason}"] += 1
 
+    def warn(self, where: str, note: str) -> None:
+        """Input that still converts but deserves a look (e.g. an empty annotation file): reported, not skipped."""
+        self.warnings.append(f"{where}: {note}")
+
     def format(self, max_problems: int = 20) -> str:
         lines = []
+        if self.warnings:
+            lines.append(f"{len(self.warnings)} warning(s) (converted anyway):")
+            lines += [f"  {w}" for w in self.warnings[:max_problems]]
+            if len(self.warnings) > max_problems:
+                lines.append(f"  ... {len(self.warnings) - max_problems} more (all listed in the conversion log)")
         if self.problems:
             lines.append(f"{len(self.problems)} malformed line(s) or record(s):")
             lines += [f"  {p}" for p in self.problems[:max_problems]]
@@ -62,4 +73,6 @@ class Summary:
         lines.append("rows not written as objects:" + ("" if self.skipped else " none"))
         lines += [f"  {reason}: {n}" for reason, n in sorted(self.skipped.items())]
         lines.append(f"files changed: {self.files_written}; stale files removed: {self.stale_removed}")
+        if self.temp_removed:
+            lines.append(f"temporary files of an interrupted run removed: {self.temp_removed}")
         return "\n".join(lines)

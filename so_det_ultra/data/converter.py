@@ -10,6 +10,11 @@ source split into a :class:`SplitWriter`). The skeleton keeps the guarantees eve
 - bad input lines are reported as ``file:line: reason`` and counted in the :class:`~._summary.Summary`;
 - reruns are safe: every output is written atomically and only when its bytes change, and files in the owned
   folders (``images/``, ``labels/``, ``sidecars/`` of each converted split) that this run did not write are removed;
+  a run killed at any point leaves only complete files plus temporary ones, which the next run removes first, so
+  the rerun's tree is byte-identical to an uninterrupted run's (tested with ``SO_DET_FAULT_KILL_AFTER``, :mod:`._io`);
+- a split whose annotation file cannot be used at all (e.g. an empty or unreadable SODA-D JSON) raises
+  :class:`UnusableSource` in :meth:`~Converter.convert_split`: it is reported by file, its output folders are left
+  as they are, and the other splits convert;
 - the end summary goes to ``<dst>/convert-<name>.log`` and to Ultralytics' ``LOGGER``; the Summary is returned.
 
 Layout and sidecar schema: :mod:`so_det_ultra.data.contract`.
@@ -56,6 +61,19 @@ def fill_ignored(img, ann: contract.Annotation, grey: int = GREY):
         mask[int(y1) : math.ceil(y2), int(x1) : math.ceil(x2)] = False
     img[mask] = grey
     return img
+
+
+class UnusableSource(ValueError):
+    """A split's annotation file cannot be used at all (empty, unreadable, wrong format): the split is skipped."""
+
+
+def remove_temp_files(dst: Path) -> int:
+    """Remove temporary files an interrupted run left in ``dst`` and its owned split folders; return how many."""
+    n = _io.remove_temp(dst)
+    for kind in contract.OUTPUT_DIRS:
+        for folder in (dst / kind).iterdir() if (dst / kind).is_dir() else ():
+            n += _io.remove_temp(folder) if folder.is_dir() else 0
+    return n
 
 
 @dataclass(frozen=True)
@@ -199,9 +217,14 @@ class Converter(ABC):
             for source in sources:
                 for folder in source.guard:
                     check_dst(folder, dst)
+            summary.temp_removed = remove_temp_files(dst)
             for source in sources:
-                with SplitWriter(dst, source.split, summary) as out:
-                    got = self.convert_split(source, out)
+                try:
+                    with SplitWriter(dst, source.split, summary) as out:
+                        got = self.convert_split(source, out)
+                except UnusableSource as err:
+                    summary.problem(str(source.annotations), f"{err}; split {source.split!r} skipped")
+                    continue
                 if got is not None and names is not None and got != names:
                     raise ValueError(f"{source.annotations}: categories {got} differ from the other splits' {names}")
                 names = got if got is not None else names

@@ -1,4 +1,4 @@
-"""SODA-D (COCO JSON) -> YOLO labels and sidecars, with the official 800x800 / 150 px-overlap training tiles.
+"""SODA-D (COCO JSON) -> YOLO labels and sidecars, cut into the official 800x800 / 150 px-overlap tiles.
 
 Source layout (the official release, unzipped): ``SRC/Annotations/{train,val,test}.json`` and ``SRC/Images/``
 (file names in the JSON are relative to ``Images/``); dataset: G. Cheng et al., "Towards Large-Scale Small Object
@@ -15,27 +15,39 @@ Rules:
   ignored region: it goes to the sidecar's ``ignore`` list, not to the labels;
 - malformed annotations (missing keys, bbox not 4 finite numbers, zero or negative size, unknown image or category
   id, box entirely outside the image) are reported as ``file:annotations[k]: reason``, counted and skipped;
+- **bad files**: a split JSON that is empty (zero bytes), unreadable or not COCO is reported by file and that split
+  is skipped (its earlier output left as it is); an image that is missing, unreadable or truncated is reported by
+  file and skipped; the rest converts. A JSON whose ``annotations`` list is empty converts its images without
+  objects;
 - boxes partly outside the image are clipped to it (the VisDrone clipping rule,
   :func:`~so_det_ultra.data.contract.clip_box`);
-- **tiling** (training splits, ``tile_splits``): the SODA-D protocol (github.com/shaunyuan22/SODA-mmdetection,
-  ``tools/img_split/``) cuts each image into ``tile`` x ``tile`` patches with ``overlap`` px overlap; the grid is
-  :mod:`so_det_ultra.data.tiling` (stride ``tile - overlap``; the last row/column is aligned to the image edge so tiles
-  never leave the image; a side shorter than ``tile`` gives one tile of that side);
+- **tiling** (every split by default, ``tile_splits``): the SODA-D protocol (github.com/shaunyuan22/SODA-mmdetection,
+  ``tools/img_split/sodad_split.py``, ``SODADSplit._divImg``) cuts each image into ``tile`` x ``tile`` patches with
+  ``overlap`` px overlap; the grid is :mod:`so_det_ultra.data.tiling` (stride ``tile - overlap``; the last row/column
+  is aligned to the image edge so tiles never leave the image; a side shorter than ``tile`` gives one tile of that
+  side);
 - **tile border rule**: an object cut by a tile border is kept in that tile, clipped to it, if at least
-  ``min_visible`` (default 0.5) of its area lies inside the tile; otherwise its visible part becomes an ignored
-  region of that tile's sidecar (so metrics do not count a detection of the sliver as a false positive).
-  Ignored regions are clipped into every tile they touch;
-- tiles without any kept object are not written unless ``keep_empty`` (the official split writes only tiles with
-  objects); evaluation splits keep the full images, as the protocol evaluates on full images.
+  ``min_visible`` (default 0.4, the official ``interAreaIgnThr``) of its area lies inside the tile; otherwise its
+  visible part becomes an ignored region of that tile's sidecar. Ignored regions are clipped into every tile they
+  touch;
+- **empty tiles**: training tiles without any kept object are not written unless ``keep_empty`` (``sodad_split.py``
+  keeps a patch in ``train`` mode only when it holds annotations); tiles of the other splits are all written, as the
+  official split does outside ``train`` mode, because the evaluation runs the detector on every tile;
+- **parent sidecar**: for a tiled split, the full image's sidecar (``sidecars/<split>/<stem>.json``, no image, no
+  label) holds its objects and ignored regions in full-image pixels; each tile sidecar names it in
+  ``tile.source``. The SODA-D evaluation (docs/metrics.md) maps tile detections back with the tile offset, merges
+  them and scores them against these parents, as the official evaluation scores the original images.
 
-Interpretation: SODA-mmdetection's split configuration (``tools/img_split/split_configs/split_train.json``) names an
-``interAreaIgnThr`` of 0.4 but its documentation does not say how cut objects are treated; ``min_visible`` (default
-0.5) exposes the threshold (``--min-visible`` on the command line). Tiles are re-encoded (JPEG quality 95).
+Interpretation: ``sodad_split.py`` (``SODADSplit._divAnn``) marks a cut object ``ignore`` when its visible fraction
+is ``<= interAreaIgnThr`` (0.40 in ``split_configs/split_train.json``), i.e. keeps it when the fraction is above;
+``min_visible`` keeps it at ``>= min_visible`` (an object exactly at 0.4 is kept here). The official script also
+fills ignored regions of every patch with black (``ignFillVal``); here ``mask_ignored`` (off by default) fills them
+with grey. Tiles are re-encoded (JPEG quality 95).
 
 Examples:
     >>> from so_det_ultra.data.soda import convert_soda
     >>> summary = convert_soda("downloads/SODA-D", "datasets/soda-d")  # doctest: +SKIP
-    >>> # yolo train model=so-det-s.yaml data=datasets/soda-d/data.yaml imgsz=800
+    >>> # yolo train model=so-det-s.yaml data=datasets/soda-d/data.yaml imgsz=1200
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ from pathlib import Path
 from so_det_ultra.data import _io, contract, tiling
 from so_det_ultra.data._summary import Summary
 from so_det_ultra.data.contract import Annotation
-from so_det_ultra.data.converter import Converter, Source, SplitWriter, fill_ignored
+from so_det_ultra.data.converter import Converter, Source, SplitWriter, UnusableSource, fill_ignored
 
 NAMES = {
     0: "people",
@@ -60,7 +72,18 @@ NAMES = {
     7: "traffic-camera",
     8: "warning-cone",
 }
-SO_DET = contract.so_det_key("soda-d", max_det=1000)  # SODA-mmdetection's largest maxDets
+MIN_VISIBLE = 0.4  # sodad_split.py --interAreaIgnThr (split_configs/split_train.json)
+IMGSZ = 1200  # configs/_base_/datasets/sodad.py: img_scale=(1200, 1200), keep_ratio=True
+MERGE_IOU = 0.5  # mmdet/datasets/sodad.py, SODADDataset.evaluate -> merge_dets(nms_iou_thr=0.5)
+
+
+def so_det_key(tile: int = tiling.SODA_D_TILE, overlap: int = tiling.SODA_D_OVERLAP) -> dict:
+    """The ``so_det:`` key of a SODA-D data YAML: protocol, sidecars, per-tile cap, tile geometry, resize, merge IoU."""
+    key = contract.so_det_key("soda-d", max_det=1000)  # detections per network image (tile) given to Ultralytics
+    return {**key, "tile": tile, "overlap": overlap, "imgsz": IMGSZ, "merge_iou": MERGE_IOU}
+
+
+SO_DET = so_det_key()
 ENV_SRC = "SO_DET_SODA_SRC"
 
 
@@ -69,11 +92,16 @@ def load_coco(path: Path, summary: Summary):
     ``anns = {image_id: Annotation}`` (pixel xyxy, clipped; objects' truncation/occlusion are ``None``)."""
     path = Path(path)
     try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise UnusableSource(f"empty annotation file ({len(text.encode())} bytes)")
+        coco = json.loads(text)
+    except UnusableSource:
+        raise
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+        raise UnusableSource(f"not a readable JSON file ({err})") from err
     if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "categories")):
-        raise ValueError(f"{path}: not a COCO detection file (needs 'images' and 'categories' lists)")
+        raise UnusableSource("not a COCO detection file (needs 'images' and 'categories' lists)")
     cats = {c["id"]: str(c["name"]) for c in coco["categories"]}
     ignore_ids = {i for i, n in cats.items() if n.lower() == "ignore"}
     kept = sorted(i for i in cats if i not in ignore_ids)
@@ -185,6 +213,7 @@ class SodaD(Converter):
         tiling.tile_starts(tile, tile, overlap)  # checks tile and overlap before any file is written
         self.splits, self.tile_splits = tuple(splits), tuple(tile_splits)
         self.tile, self.overlap, self.min_visible, self.keep_empty = tile, overlap, min_visible, keep_empty
+        self.so_det = so_det_key(tile, overlap)  # data.yaml records the geometry the tiles were cut with
 
     @classmethod
     def find(cls, src: Path, splits=None, extracted: bool = False) -> list[Source]:
@@ -235,9 +264,9 @@ class SodaD(Converter):
         for image_id, (file_name, w, h) in _io.progress(recs.items(), f"SODA-D {split}", len(recs), self.show_progress):
             src = source.images / file_name
             summary.source_images[split] += 1
-            size = _io.image_size(src)
+            size, why = _io.image_check(src)
             if size is None:
-                summary.problem(str(src), "missing or unreadable image")
+                summary.problem(str(src), f"{why}; skipped")
                 continue
             if tuple(size) != (w, h):
                 summary.problem(str(src), f"image is {size[0]}x{size[1]}, JSON says {w}x{h} (JSON size used)")
@@ -250,15 +279,24 @@ class SodaD(Converter):
                     out.write(name, w, h, ann, image_src=src, mode=mode)
             else:
                 self._write_tiles(src, name, w, h, ann, out)
+                self._write_parent(name, w, h, ann, out)
         return names
 
+    def _write_parent(self, name: str, w: int, h: int, ann: Annotation, out: SplitWriter) -> None:
+        """The full image's sidecar beside its tiles' (objects and ignored regions in full-image pixels)."""
+        path = contract.split_dir(out.dst, contract.SIDECARS, out.split) / f"{Path(name).stem}.json"
+        out.summary.files_written += contract.write_sidecar(path, name, w, h, ann)
+        out.keep[contract.SIDECARS].add(path.name)
+
     def _write_tiles(self, src: Path, name: str, w: int, h: int, ann: Annotation, out: SplitWriter) -> None:
-        """The tiles of one image that hold a kept object (every tile with ``keep_empty``), by the tile border rule."""
+        """The tiles of one image by the tile border rule: in ``train``, those holding a kept object (all of them with
+        ``keep_empty``); in the other splits, all of them (the evaluation runs on every tile)."""
         stem, suffix = Path(name).stem, Path(name).suffix.lower()
+        keep_empty = self.keep_empty or out.split != "train"
         img = None
         for win in tiling.tile_windows(h, w, self.tile, self.overlap):
             part = cut(ann, win, self.min_visible, out.summary)
-            if not part.objects and not self.keep_empty:
+            if not part.objects and not keep_empty:
                 continue
             if img is None:
                 img = _io.read_image(src)
@@ -274,10 +312,10 @@ def convert_soda(
     src,
     dst,
     splits=contract.SPLITS,
-    tile_splits=("train",),
+    tile_splits=contract.SPLITS,
     tile: int = tiling.SODA_D_TILE,
     overlap: int = tiling.SODA_D_OVERLAP,
-    min_visible: float = 0.5,
+    min_visible: float = MIN_VISIBLE,
     keep_empty: bool = False,
     mask_ignored: bool = False,
     images: str = "copy",
@@ -290,11 +328,12 @@ def convert_soda(
         src: folder with ``Annotations/*.json`` and ``Images/`` (or one level above), or the official archives.
         dst: output root (created): ``images/``, ``labels/``, ``sidecars/``, ``data.yaml``, ``convert-soda-d.log``.
         splits: JSON stems to convert (missing ones are skipped with a warning).
-        tile_splits: splits cut into ``tile`` x ``tile`` tiles with ``overlap``; others keep full images.
+        tile_splits: splits cut into ``tile`` x ``tile`` tiles with ``overlap`` (all by default, as the official
+            protocol trains and evaluates on tiles); others keep full images.
         tile: tile side in pixels (the SODA-D protocol's 800).
         overlap: tile overlap in pixels (the SODA-D protocol's 150).
-        min_visible: tile border rule threshold (fraction of an object's area inside the tile).
-        keep_empty: also write tiles without objects.
+        min_visible: tile border rule threshold (fraction of an object's area inside the tile; official 0.4).
+        keep_empty: also write training tiles without objects (tiles of other splits are always all written).
         mask_ignored: grey-fill ignored regions in written images.
         images: ``copy``/``hardlink``/``symlink`` for full images that are not re-encoded.
         show_progress: progress bar per split.
@@ -310,6 +349,9 @@ def convert_soda(
 def prepare_from_yaml(data: dict) -> None:
     """``download:`` step of ``cfg/datasets/soda-d.yaml``: convert local SODA-D files into ``data['path']``.
 
-    Looks in ``$SO_DET_SODA_SRC``, in ``path`` itself and in its parent folder. Never downloads.
+    Looks in ``$SO_DET_SODA_SRC``, in ``path`` itself and in its parent folder. Never downloads. The tiles are cut
+    with ``so_det.tile`` / ``so_det.overlap`` of the YAML (official 800 / 150 when absent).
     """
-    convert_soda(SodaD.local_source(data), Path(data["path"]))
+    key = data.get(contract.SO_DET_KEY) or {}
+    geometry = {k: int(key[k]) for k in ("tile", "overlap") if k in key}
+    convert_soda(SodaD.local_source(data), Path(data["path"]), **geometry)

@@ -18,7 +18,14 @@ Rules (each also counted in the end summary):
 - **clipping rule**: a box partly outside the image is clipped to ``[0, W] x [0, H]`` and kept as long as a
   positive area remains inside (the clipped box is what the label and the sidecar hold); ignored regions are
   clipped the same way;
-- truncation and occlusion of every written object are kept in the sidecar, in label order.
+- truncation and occlusion of every written object are kept in the sidecar, in label order;
+- **bad files**: an image that is missing, unreadable or truncated (a JPEG without its end marker), or whose
+  annotation file cannot be read, is reported as ``file: reason`` and skipped (nothing written for it); the rest
+  converts;
+- **empty annotation files**: a zero-byte (or blank-only) annotation file is an image without objects: the image
+  converts with an empty label file and an empty sidecar, and the file is listed as a warning in the summary (an
+  official VisDrone-DET image always has rows, so an empty file may be a copy gone wrong); a missing annotation
+  file is treated the same way but reported as a problem.
 
 Interpretation: the official toolkit ignores detections *inside* ignored regions at evaluation time; it does not
 say what training should do with them. By default the pixels are left as they are (the region is only recorded);
@@ -208,14 +215,20 @@ class VisDrone(Converter):
                 summary.problem(f"{ann}", "annotation file without an image")
         for stem, img in _io.progress(index.items(), f"VisDrone {split}", len(index), self.show_progress):
             summary.source_images[split] += 1
-            size = _io.image_size(img)
+            size, why = _io.image_check(img)
             if size is None:
-                summary.problem(str(img), "unreadable image")
+                summary.problem(str(img), f"{why}; skipped")
                 continue
             w, h = size
             ann_file = ann_dir / f"{stem}.txt"
             if ann_file.is_file():
-                lines = ann_file.read_text(encoding="utf-8", errors="replace").splitlines()
+                try:
+                    lines = ann_file.read_text(encoding="utf-8", errors="replace").splitlines()
+                except OSError as err:
+                    summary.problem(str(ann_file), f"unreadable annotation file ({err.strerror or err}); image skipped")
+                    continue
+                if not any(line.strip() for line in lines):
+                    summary.warn(str(ann_file), "empty annotation file (image written without objects)")
             else:
                 summary.problem(str(ann_file), "missing annotation file (image written without objects)")
                 lines = []

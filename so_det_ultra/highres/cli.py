@@ -63,7 +63,10 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("sparse")
     option(g, "--thr", type=float, help="heatmap threshold for patch centres", defaults_from=_sparse)
     g.add_argument(
-        "--patch", type=int, default=argparse.SUPPRESS, help="patch size in 8-px cells (default: image width / 64)"
+        "--patch",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="patch size in heatmap cells (the seeker's stride, 8 px for so-det-esod; default: an eighth of the width)",
     )
     option(g, "--margin", type=int, help="context cells around each patch", defaults_from=_sparse)
     option(

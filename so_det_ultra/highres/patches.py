@@ -16,7 +16,8 @@ Interpretations (the sources leave these open):
       (so a uniformly active area is tiled by the grid itself); then clamped into the frame;
     - patch corners are rounded down to multiples of ``align`` cells (the model's largest stride / the cell), so the
       deeper feature grids of a patch line up with those of the full frame and sparse predictions equal dense ones;
-    - two grid cells whose shifted patches land on the same place give one patch.
+    - two grid cells whose shifted patches land on the same place give one patch;
+    - ``prune`` (default on): a patch none of whose active cells is outside the other kept cores is dropped.
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ def find_centres(prob: torch.Tensor, thr: float = 0.5) -> torch.Tensor:
     return torch.nonzero((prob >= thr) & (prob == peak))
 
 
-def select_patches(prob: torch.Tensor, thr: float = 0.5, patch: int = 24, align: int = 2) -> list[tuple[int, int]]:
+def select_patches(
+    prob: torch.Tensor, thr: float = 0.5, patch: int = 24, align: int = 2, prune: bool = True
+) -> list[tuple[int, int]]:
     """Top-left (y0, x0) cells of the kept ``patch`` x ``patch`` patches, sorted, for a heatmap ``prob`` (H, W).
 
-    ``prob`` holds probabilities in [0, 1].
+    ``prob`` holds probabilities in [0, 1]. With ``prune`` (ours, not in the paper), a patch whose active cells all lie
+    in the cores of the other kept patches is dropped (largest patches by active cells kept first), since the
+    predictions for those cells come from the other patches anyway.
 
     Example:
         >>> heat = torch.zeros(60, 90); heat[30, 40] = 0.9
@@ -59,7 +64,22 @@ def select_patches(prob: torch.Tensor, thr: float = 0.5, patch: int = 24, align:
     for gy, gx in {(int(y) // patch, int(x) // patch) for y, x in find_centres(prob, thr)}:
         y0, x0 = _centre_on_activity(active, gy * patch, gx * patch, patch)
         kept.add((_clamp(y0, h, patch, align), _clamp(x0, w, patch, align)))
-    return sorted(kept)
+    return sorted(_prune(active, kept, patch) if prune else kept)
+
+
+def _prune(active, corners, patch):
+    """Drop patches that add no active cell to the union of the others' cores (greedy, most active cells first)."""
+    area = {c: int(active[c[0] : c[0] + patch, c[1] : c[1] + patch].sum()) for c in corners}
+    kept = sorted(corners, key=lambda c: (-area[c], c))
+    for c in sorted(kept, key=lambda c: (area[c], c)):  # try the emptiest first
+        others = torch.zeros_like(active)
+        for o in kept:
+            if o != c:
+                others[o[0] : o[0] + patch, o[1] : o[1] + patch] = True
+        mine = active[c[0] : c[0] + patch, c[1] : c[1] + patch]
+        if not (mine & ~others[c[0] : c[0] + patch, c[1] : c[1] + patch]).any():
+            kept.remove(c)
+    return kept
 
 
 def _centre_on_activity(active, y0, x0, patch):

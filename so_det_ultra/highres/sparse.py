@@ -201,6 +201,7 @@ def sparse_predict(
     heatmap=None,
     sparse_head: bool = False,
     head_dilate: int = 2,
+    prune: bool = True,
     device="cpu",
 ) -> list:
     """ESOD sparse inference on each image of ``source``; returns Ultralytics ``Results``.
@@ -219,6 +220,8 @@ def sparse_predict(
             seeker's (an oracle for benchmarks).
         sparse_head (bool): Evaluate the Detect head only at heatmap centres dilated by ``head_dilate`` cells
             (ESOD's sparse head; :mod:`.sparse_head`) instead of on every cell of each patch.
+        prune (bool): Drop patches whose active cells the other patches' cores already hold
+            (:func:`~so_det_ultra.highres.patches.select_patches`).
 
     Each result has ``speed`` (ms: preprocess, stem, select, patches, postprocess, inference) and ``patches`` (the
     list of :class:`~so_det_ultra.highres.patches.Patch` used, in cells of the letterboxed input).
@@ -236,7 +239,7 @@ def sparse_predict(
             prob = torch.as_tensor(heatmap(n, path, tuple(x.shape[2:]), tuple(prob.shape)), dtype=prob.dtype)
         t2 = time.perf_counter()
         p = patch or default_patch(prob.shape[1], sm.align)
-        corners = select_patches(prob, thr, p, sm.align)
+        corners = select_patches(prob, thr, p, sm.align, prune)
         patches = make_patches(corners, prob.shape, p, margin, sm.align)
         head_mask = _centre_mask(prob, thr, head_dilate) if sparse_head else None
         t3 = time.perf_counter()

@@ -18,7 +18,12 @@ and what undoes it). The changes, by module:
   ``loss:`` section picks a registered criterion; without it, Ultralytics' own.
 - :mod:`.rtdetr`: ``ultralytics.nn.tasks.guess_model_task``: ``YOLO()`` on a YAML whose head is one of our RT-DETR
   decoders says to use ``RTDETR``.
+- :mod:`.esod`: ``DetectionModel.loss`` (patch training for a model YAML with ``esod_train:``) and two callbacks
+  (ESODLoss's class ratios from the training labels, the epoch for patch training's warm-up).
 - :mod:`.callbacks`: functions appended to ``ultralytics.utils.callbacks.base.default_callbacks`` (one entry each).
+- :mod:`.checkpoint`: ``ultralytics.nn.tasks.torch_safe_load`` (a checkpoint naming a so-det-ultra block this version
+  lacks fails with a message naming the block and both versions) and one ``on_pretrain_routine_end`` callback (the
+  trained model's YAML dict records this version, ``model.yaml["so_det_ultra"]``).
 - :mod:`.serialization`: every registered class added to torch's weights-only allow-list
   (``torch.serialization.add_safe_globals``), so ``ULTRALYTICS_SAFE_LOAD=1`` loads our checkpoints (one entry each).
 
@@ -60,10 +65,10 @@ def install(strict: bool = False):
                 raise RuntimeError(version.message(ultralytics.__version__))
             warnings.warn(version.message(ultralytics.__version__), RuntimeWarning, stacklevel=3)
             return
-        from so_det_ultra.integration import callbacks, losses, names, parser, rtdetr, serialization
+        from so_det_ultra.integration import callbacks, checkpoint, esod, losses, names, parser, rtdetr, serialization
 
         try:
-            for part in (parser, names, losses, callbacks, serialization, rtdetr):
+            for part in (parser, names, losses, callbacks, serialization, rtdetr, esod, checkpoint):
                 part.install(PATCHES)
         except BaseException:
             _undo()

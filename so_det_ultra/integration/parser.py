@@ -47,9 +47,9 @@ class ParseHooks:
         spec = LayerSpec(i, f, n, list(args), ch, width, max_channels, scale, entry.name, d, legacy)
         try:
             return entry.channels(spec)
-        except ModelBuildError:
+        except (ModelBuildError, UnknownBlockError):
             raise
-        except (IndexError, TypeError, ValueError) as err:
+        except Exception as err:  # a rule's stray IndexError/TypeError/ZeroDivisionError... becomes the package's error
             raise ModelBuildError(f"model YAML layer {i} ({entry.name}, from={f}, args={args}): {err}") from err
 
 
@@ -149,10 +149,54 @@ def apply_c3k_scales(d: dict) -> dict:
     return d
 
 
+def check_scale(d: dict) -> None:
+    """Raise :class:`ModelBuildError` naming the available scales when ``d['scale']`` is not one of ``d['scales']``.
+
+    Ultralytics would stop with a bare ``KeyError`` (e.g. ``so-det-p-n.yaml`` where the YAML has s, m and l only).
+    """
+    scales, scale = d.get("scales"), d.get("scale")
+    if not scales or not scale or scale in scales:
+        return
+    where = d.get("yaml_file") or "the model YAML"
+    raise ModelBuildError(
+        f"{where} has no scale '{scale}'; its scales are {', '.join(map(str, scales))}. Pick one with the file name "
+        f"(e.g. '<name>-{next(iter(scales))}.yaml') or the YAML's 'scale:' key."
+    )
+
+
+def _failed_layer(err: BaseException, code) -> str:
+    """``model YAML layer i (Module, from=f, args=[...])`` for the ``parse_model`` frame (``code``) that raised."""
+    tb, frame = err.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            frame = tb.tb_frame
+        tb = tb.tb_next
+    local = frame.f_locals if frame is not None else {}
+    if "i" not in local:
+        return "model YAML"
+    d, i = local.get("d"), local["i"]
+    rows = (d.get("backbone") or []) + (d.get("head") or []) if isinstance(d, dict) else []
+    row = rows[i] if i < len(rows) else None
+    if not isinstance(row, (list, tuple)) or len(row) != 4:
+        return f"model YAML layer {i} (row {row!r}; expected [from, repeats, module, args])"
+    f, _, name, args = row
+    return f"model YAML layer {i} ({name}, from={f}, args={args})"
+
+
 def wrap_parse_model(parse):
+    """``parse`` with the ``c3k_scales`` key, a clear error for a missing scale, and every stray exception of a layer
+    (bare ``IndexError``, ``TypeError``, ``ZeroDivisionError``, torch's ``RuntimeError`` ...) re-raised as
+    :class:`ModelBuildError` naming the layer index, module, ``from`` and arguments (the original chained)."""
+
     @functools.wraps(parse)
     def parse_model(d, ch, verbose=True):
-        return parse(apply_c3k_scales(d), ch, verbose)
+        check_scale(d)
+        try:
+            return parse(apply_c3k_scales(d), ch, verbose)
+        except (ModelBuildError, UnknownBlockError):
+            raise
+        except Exception as err:
+            raise ModelBuildError(f"{_failed_layer(err, parse.__code__)}: {type(err).__name__}: {err}") from err
 
     return parse_model
 

@@ -6,6 +6,7 @@ Owns: the evaluation protocols, ground truth from a converted dataset, the Ultra
 
 - :mod:`.coco`: protocols (VisDrone, SODA-D), ground truth from a YOLO dataset + sidecars, :func:`evaluate`.
 - :mod:`.ignore`: the VisDrone toolkit's ignored-region rule.
+- :mod:`.tiles`: tiled evaluation (SODA-D): tile detections moved to their original image, merged, scored there.
 - :mod:`.hooks`: Ultralytics callbacks (``yolo val``/``yolo train`` on a data YAML with a ``so_det:`` key).
 - :mod:`.plots`: AP-by-size (and per-class) PNG.
 - :mod:`.cli`: ``so-det eval``.

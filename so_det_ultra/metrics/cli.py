@@ -21,7 +21,12 @@ def add_parser(sub):
     p.add_argument("--pred", required=True, help="predictions.json")
     p.add_argument("--json", metavar="OUT.json", help="write AP, AP50, AP75, AP_<bin> (and details) to this file")
     p.add_argument("--plot", metavar="OUT.png", help="draw AP by size (and per class for VisDrone) to this file")
-    p.add_argument("--max-det", type=int, help="detections kept per image (default: so_det.max_det of the YAML)")
+    p.add_argument(
+        "--max-det",
+        type=int,
+        help="report AP at N detections per image (soda-d: per image and class); default: the protocol's "
+        "(so_det.max_det, or so_det.max_dets[0] for soda-d)",
+    )
     p.add_argument("--single-cls", action="store_true", help="evaluate class-agnostically (as yolo val single_cls)")
     p.set_defaults(func=run)
 
@@ -45,7 +50,7 @@ def run(a) -> int:
         if a.max_det is not None:
             if a.max_det < 1:
                 raise ValueError(f"--max-det must be positive, got {a.max_det}")
-            protocol = replace(protocol, max_det=a.max_det)
+            protocol = replace(protocol, max_det=a.max_det, max_dets=(a.max_det,))  # AP at N, in the protocol's scope
         result = evaluate_dataset(data, a.split, load_predictions(a.pred), protocol, single_cls=a.single_cls)
     except (ValueError, FileNotFoundError) as err:
         print(f"so-det eval: error: {err}", file=sys.stderr)

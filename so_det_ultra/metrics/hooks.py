@@ -8,10 +8,13 @@ they run in every validator and trainer. Each does nothing unless the data YAML 
   "explicit or default" test Ultralytics' own ``DetectionValidator._check_max_det`` uses, so ``max_det=...`` given
   by the user wins (an explicit 300 cannot be told from the default). Turns on ``save_json`` so that the validator
   collects its COCO-format predictions (``validator.jdict``); Ultralytics does the same for COCO and LVIS.
-- ``on_val_end``: evaluates ``validator.jdict`` against the split's labels + sidecars, prints the table under
-  Ultralytics' one, writes ``so_det_metrics.json`` and appends a row to ``so_det_metrics.csv`` in the run folder,
-  draws ``so_det_ap.png`` when ``plots`` is on, and attaches the numbers to ``validator.metrics.so_det`` (what
-  ``model.val()`` returns).
+- ``on_val_start`` also warns when ``imgsz`` differs from the protocol's ``so_det.imgsz`` (SODA-D: each 800 px tile
+  is fed at 1200); the dataloader is built before this event, so it cannot change it.
+- ``on_val_end``: evaluates ``validator.jdict`` against the split's labels + sidecars (for a tiled split, the
+  detections are first moved to the original images and merged: :mod:`so_det_ultra.metrics.tiles`), prints the
+  table under Ultralytics' one, writes ``so_det_metrics.json`` and appends a row to ``so_det_metrics.csv`` in the
+  run folder, draws ``so_det_ap.png`` when ``plots`` is on, and attaches the numbers to ``validator.metrics.so_det``
+  (what ``model.val()`` returns).
 - ``on_fit_epoch_end`` (trainer): adds ``so_det/AP...`` to ``trainer.metrics`` (seen by logger integrations that
   run after it) and to the epoch's row of ``results.csv`` (the trainer writes that row before this event; the
   callback appends the columns), and a row with the epoch to ``so_det_metrics.csv``. ``on_train_epoch_end`` removes
@@ -25,7 +28,8 @@ import json
 import math
 
 from so_det_ultra.data.contract import sidecar_folder
-from so_det_ultra.metrics.coco import evaluate, load_truth, protocol_from_data
+from so_det_ultra.metrics.coco import protocol_from_data
+from so_det_ultra.metrics.tiles import evaluate_split, load_eval_truth
 
 PREFIX = "so_det/"
 
@@ -49,6 +53,13 @@ def on_val_start(validator):
         LOGGER.info(f"so-det: max_det={p.max_det} (so_det.max_det of the data YAML, {p.name} protocol)")
         args.max_det = p.max_det
     args.save_json = True  # the predictions (validator.jdict) are what we evaluate
+    imgsz = getattr(args, "imgsz", None)
+    imgsz = max(imgsz) if isinstance(imgsz, (list, tuple)) and imgsz else imgsz
+    if p.imgsz and imgsz and imgsz != p.imgsz:
+        LOGGER.warning(
+            f"so-det: imgsz={args.imgsz}, but the {p.name} protocol feeds each tile at {p.imgsz} (so_det.imgsz); "
+            f"pass imgsz={p.imgsz} for numbers comparable with published ones"
+        )
 
 
 def on_val_end(validator):
@@ -83,12 +94,21 @@ def on_val_end(validator):
 def _evaluate(validator, p):
     files = list(validator.dataloader.dataset.im_files)
     cache = getattr(validator, "_so_det_truth", None)
-    if cache is None or cache[0] != files:  # labels and sidecars read once per validator, not every epoch
+    if cache is None or cache[0] != (files, p.tiles):  # labels and sidecars read once per validator, not every epoch
         data = validator.data
-        truth = load_truth(files, data.get("path", "."), sidecar_folder(data), bool(validator.args.single_cls))
-        validator._so_det_truth = cache = (files, truth)
+        root, single = data.get("path", "."), bool(validator.args.single_cls)
+        truth = load_eval_truth(files, root, sidecar_folder(data), single, tiles=p.tiles)
+        if p.tiles and not truth.n_tiles:
+            from ultralytics.utils import LOGGER
+
+            LOGGER.warning(
+                f"so-det: the {p.name} protocol runs the model on tiles, but this split holds full images; the "
+                "numbers below are for full-frame inference. Convert the split as tiles (so-det convert soda-d, "
+                "default) or set so_det: {eval: soda-d-fullframe} (docs/metrics.md)"
+            )
+        validator._so_det_truth = cache = ((files, p.tiles), truth)
     names = ["object"] if validator.args.single_cls else validator.data.get("names")
-    return evaluate(cache[1], validator.jdict, p, names)
+    return evaluate_split(cache[1], validator.jdict, p, names)
 
 
 def on_fit_epoch_end(trainer):

@@ -13,6 +13,7 @@ from ultralytics.nn.modules.block import DFL
 from so_det_ultra.registry import LayerSpec, register_block
 
 
+@register_block  # not a YAML layer: registered so checkpoints holding it load under ULTRALYTICS_SAFE_LOAD=1
 class FastDFL(DFL):
     """DFL's expected bin, sum_k k softmax(x)_k, computed along the bin axis without a transpose (equal to ``DFL``).
 
