@@ -227,8 +227,10 @@ def sidecar_folder(data: dict) -> str:
     return (data.get(SO_DET_KEY) or {}).get("sidecars", SIDECARS)
 
 
-def write_data_yaml(dst, names: dict, so_det: dict, train_fallback: bool = True) -> Path:
+def write_data_yaml(dst, names: dict, so_det: dict | None = None, train_fallback: bool = True) -> Path:
     """``dst/data.yaml`` for every split present under ``dst/images``; val falls back to train when absent.
+
+    The ``so_det:`` key is written when ``so_det`` is given (converters); plain YOLO datasets leave it out.
 
     Returns:
         The path written.
@@ -247,7 +249,8 @@ def write_data_yaml(dst, names: dict, so_det: dict, train_fallback: bool = True)
     if "val" not in data and train_fallback:
         data["val"] = data["train"]
     data["names"] = dict(names)
-    data[SO_DET_KEY] = dict(so_det)
+    if so_det is not None:
+        data[SO_DET_KEY] = dict(so_det)
     path = dst / "data.yaml"
     _io.atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
+
+from so_det_ultra.data.contract import IMAGES, LABELS, split_dir, write_data_yaml
 
 SHAPES = ("square", "disc", "triangle", "cross", "ring", "diamond")
 COLOURS = ((230, 40, 40), (40, 200, 40), (40, 80, 240), (240, 220, 30), (220, 40, 220), (30, 220, 220))
@@ -99,19 +100,12 @@ def make_dataset(
     root = Path(root)
     rng = np.random.default_rng(seed)
     for split, count in (("train", n_train), ("val", n_val)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        images, labels_dir = split_dir(root, IMAGES, split), split_dir(root, LABELS, split)
+        images.mkdir(parents=True, exist_ok=True)
+        labels_dir.mkdir(parents=True, exist_ok=True)
         for k in range(count):
             img, labels = make_image(rng, imgsz, nc, objects, size_range)
-            cv2.imwrite(str(root / "images" / split / f"{split}_{k:05d}.png"), img)
+            cv2.imwrite(str(images / f"{split}_{k:05d}.png"), img)
             rows = "".join(f"{c} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
-            (root / "labels" / split / f"{split}_{k:05d}.txt").write_text(rows)
-    data = {
-        "path": str(root.resolve()),
-        "train": "images/train",
-        "val": "images/val",
-        "names": dict(enumerate(SHAPES[:nc])),
-    }
-    yaml_path = root / "data.yaml"
-    yaml_path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return yaml_path
+            (labels_dir / f"{split}_{k:05d}.txt").write_text(rows)
+    return write_data_yaml(root, dict(enumerate(SHAPES[:nc])))

@@ -6,7 +6,8 @@
 
 Both predictors return one Ultralytics ``Results`` per image. See docs/highres.md.
 
-Owns: inference-time code only (no training, no losses); ``so-det predict`` (:mod:`.cli`), a dense baseline
+Owns: high-resolution inference, and ESOD's patch-training forward (:mod:`.train`, reached through the
+integration's recorded ``DetectionModel.loss`` seam; no losses here); ``so-det predict`` (:mod:`.cli`), a dense baseline
 (:mod:`.dense`). May import: torch, Ultralytics, OpenCV, :mod:`so_det_ultra.nn` (the ObjectSeeker) and
 :mod:`so_det_ultra.data` (the tile grid, image suffixes). The names below load on first use, so importing
 :mod:`.cli` costs no torch.

@@ -24,8 +24,9 @@ import math
 
 import torch
 from torch import nn
-from ultralytics.nn.modules import Conv, Detect
+from ultralytics.nn.modules import Conv
 
+from so_det_ultra.nn.head import FastDetect, detect_args
 from so_det_ultra.registry import LayerSpec, register_block
 
 SEEK_KEY = "seek"  # key of the seeker's logits in SeekerDetect's prediction dict
@@ -76,15 +77,13 @@ def _seeker_detect_rule(spec: LayerSpec):
             "takes the detection levels and then the ObjectSeeker layer, e.g. from=[P2, P3, P4, <seeker layer>]; "
             f"the last input must have 1 channel, got channels {cs}"
         )
-    if len(spec.args) != 1:
-        spec.fail(f"takes one argument, the number of classes (args=[nc]), got {spec.args}")
-    reg_max, end2end = spec.yaml.get("reg_max", 16), spec.yaml.get("end2end")
-    return cs[0], [spec.args[0], reg_max, end2end, cs[:-1], spec.legacy], 1
+    return cs[0], detect_args(spec, cs[:-1]), 1
 
 
 @register_block(channels=_seeker_detect_rule)
-class SeekerDetect(Detect):
-    """Ultralytics ``Detect`` on all inputs but the last; the last (the seeker's logits) joins the raw predictions.
+class SeekerDetect(FastDetect):
+    """:class:`~so_det_ultra.nn.head.FastDetect` (``Detect`` with an equal, faster DFL decode) on all inputs but the
+    last; the last (the seeker's logits) joins the raw predictions.
 
     YAML: ``[[P2, P3, P4, seeker], 1, SeekerDetect, [nc]]``. Outputs, with ``preds`` the ``Detect`` prediction dict:
 
@@ -98,11 +97,6 @@ class SeekerDetect(Detect):
         legacy (bool, optional): Ultralytics' head style at this YAML row (``parse_model`` sets it on ``Detect``
             itself; a subclass takes it as an argument so the class attribute of ``Detect`` is left alone).
     """
-
-    def __init__(self, nc: int = 80, reg_max: int = 16, end2end: bool = False, ch: tuple = (), legacy=None):
-        if legacy is not None:
-            self.legacy = bool(legacy)  # read by Detect.__init__ (class-box layout)
-        super().__init__(nc, reg_max, end2end, ch)
 
     @staticmethod
     def split(x: list) -> tuple[list, torch.Tensor]:

@@ -35,13 +35,17 @@ class FastDFL(DFL):
         return DFL.forward(self, x)
 
 
+def detect_args(spec: LayerSpec, ch: list) -> list:
+    """``[nc]`` -> ``[nc, reg_max, end2end, ch, legacy]``: what parse_model gives ``Detect`` for the levels ``ch``."""
+    if len(spec.args) != 1:
+        spec.fail(f"takes one argument, the number of classes (args=[nc]), got {spec.args}")
+    return [spec.args[0], spec.yaml.get("reg_max", 16), spec.yaml.get("end2end"), list(ch), spec.legacy]
+
+
 def _fast_detect_rule(spec: LayerSpec):
     """``[nc]``, ``from = [P2, P3, ...]`` -> ``(nc, reg_max, end2end, ch, legacy)``, as parse_model does for Detect."""
     cs = spec.c_ins()
-    if len(spec.args) != 1:
-        spec.fail(f"takes one argument, the number of classes (args=[nc]), got {spec.args}")
-    reg_max, end2end = spec.yaml.get("reg_max", 16), spec.yaml.get("end2end")
-    return cs[0], [spec.args[0], reg_max, end2end, cs, spec.legacy], 1
+    return cs[0], detect_args(spec, cs), 1
 
 
 @register_block(channels=_fast_detect_rule)
