@@ -60,7 +60,7 @@ def test_cdown_rejects_bad_arguments():
 
 
 def _eafusion_by_formula(m, x, y):
-    """EAFusion written out from SPEC sec. 1 with the module's weights, interleave and all."""
+    """EAFusion written out from the official EAFusion.py formula with the module's weights, interleave and all."""
     i = x + y
     ca = m.ca.fc
     cattn = ca[2](torch.relu(ca[0](i.mean((2, 3), keepdim=True))))

@@ -1,8 +1,8 @@
 """Downsampling without strided convolution: space-to-depth, ECA, and SO-Det's CDown.
 
 Sources:
-    SO-Det (seed 000; official code magic524/SO-Det ``models/nn/CDown.py``): CDown = stride-1 conv -> space-to-depth
-    -> ECA. SPD-Conv (Sunkara & Luo, ECML-PKDD 2022, sec. 3): space-to-depth, then a non-strided conv.
+    SO-Det (README and official code github magic524/SO-Det ``models/nn/CDown.py``): CDown = stride-1 conv ->
+    space-to-depth -> ECA. SPD-Conv (Sunkara & Luo, ECML-PKDD 2022, sec. 3): space-to-depth, then a non-strided conv.
     ECA-Net (Wang et al., CVPR 2020, sec. 3.3, eq. 12): adaptive 1-D kernel size.
 """
 
@@ -84,14 +84,14 @@ def _cdown_rule(spec):
 class CDown(nn.Module):
     """Channel-Optimized Downsampling (SO-Det): halves H and W with a stride-1 conv, space-to-depth and ECA.
 
-    Source: SO-Det README/abstract (seed 000) and official ``CDown.py``. Two orders exist:
+    Source: SO-Det README/abstract (github magic524/SO-Det) and official ``models/nn/CDown.py``. Two orders exist:
 
     - ``order="conv_first"`` (default; official code): Conv(c1 -> c2/4, k, s=1) -> space-to-depth (-> c2) -> ECA(c2).
     - ``order="spd_first"`` (SPD-Conv paper; how the SO-Det README text reads): space-to-depth (c1 -> 4 c1) ->
       Conv(4 c1 -> c2, k, s=1) -> ECA(c2). More parameters and FLOPs (the conv runs on 4x the channels).
 
     Interpretations: the released ``CDown`` convolves to c2 and outputs 4*c2; we output c2 (conv to c2/4), which is the
-    reading that reproduces the README parameter counts (SPEC sec. 1). Kernel ``k=3`` (the released default is 1;
+    reading that reproduces the README parameter counts (docs/models.md). Kernel ``k=3`` (the released default is 1;
     3 matches a drop-in replacement of the 3x3 stride-2 Conv). ECA's kernel is sized on the output channels.
 
     Speed: in ONNX export (``torch.onnx.is_in_onnx_export()``), a narrow ``conv_first`` CDown exports conv ->

@@ -1,7 +1,8 @@
 """Feature fusion for SO-Det's cross-layer weighted architecture (CLWA): EAFusion and WeightedConcat.
 
 Sources:
-    SO-Det (seed 000; official ``models/nn/EAFusion.py``): EAFusion = enhanced content-guided attention (ECGA) fusion.
+    SO-Det (README and official code github magic524/SO-Det, ``models/nn/EAFusion.py``): EAFusion = enhanced
+    content-guided attention (ECGA) fusion.
     DEA-Net (Chen et al., IEEE TIP 2024, sec. III-C, eqs. 7-10; code ``cga.py``/``fusion.py``): CGA channel, spatial and
     pixel attention and the ``w*x + (1-w)*y`` fusion. SimAM (Yang et al., ICML 2021, eq. 5). SWS (Conv followed by
     SimAM on spatial windows). BiFPN fast normalised fusion (Tan et al., CVPR 2020, sec. 3.3) for WeightedConcat.
@@ -188,7 +189,8 @@ class CGAPixelAttention(nn.Module):
 class EAFusion(nn.Module):
     """Enhanced Attention Fusion (SO-Det EAFusion / ECGA) of a backbone map x and a neck map y with equal channels.
 
-    Source: SO-Det official ``EAFusion`` (seed 000), built on DEA-Net's CGA fusion (eqs. 7-10)::
+    Source: SO-Det official ``EAFusion`` (github magic524/SO-Det ``models/nn/EAFusion.py``), built on DEA-Net's CGA
+    fusion (eqs. 7-10)::
 
         i     = x + y
         p1    = SA(i) * CA(i)            (combine="mul", SO-Det; DEA-Net adds: combine="add")
@@ -242,9 +244,10 @@ class WeightedConcat(nn.Module):
 
     w_i = (relu(v_i) + eps) / sum_j (relu(v_j) + eps); out = cat_i(w_i * x_i) along channels.
 
-    Source: SO-Det CLWA (seed 000); the class was not released, so the form is an interpretation: BiFPN's fast
-    normalised fusion (Tan et al., CVPR 2020, eq. 3) applied before concatenation. ``eps`` is added per weight, so the
-    weights always sum to exactly 1, even when every v_i is negative. ``init`` sets v (default all ones).
+    Source: SO-Det CLWA (README, github magic524/SO-Det); the class was not released, so the form is an
+    interpretation: BiFPN's fast normalised fusion (Tan et al., CVPR 2020, eq. 3) applied before concatenation.
+    ``eps`` is added per weight, so the weights always sum to exactly 1, even when every v_i is negative. ``init``
+    sets v (default all ones).
 
     Args:
         channels (list[int]): Channels of each input (output channels are their sum). init (list[float] | None).
