@@ -291,6 +291,23 @@ def make_soda(root: Path):
     return [(b, c) for b, c in anns if c != 10]
 
 
+def test_soda_fills_ignored_regions_black_by_default(tmp_path):
+    """As the official split (``ignFillVal`` [0, 0, 0]): ignored pixels of every tile are black; off on request."""
+    make_soda(tmp_path / "SODA-D")
+    for mask, out in ((True, "on"), (False, "off")):
+        kw = {} if mask else {"mask_ignored": False}
+        soda.convert_soda(
+            tmp_path / "SODA-D", tmp_path / out, splits=("train",), show_progress=False, verbose=False, **kw
+        )
+    src = cv2.imread(str(tmp_path / "SODA-D" / "Images" / "a.jpg")).astype(float)
+    region = (slice(120, 380), slice(120, 380))  # inside the ignore box [100, 100, 400, 400], no object there
+    on = cv2.imread(str(tmp_path / "on" / "images" / "train" / "a__0_0.jpg")).astype(float)
+    off = cv2.imread(str(tmp_path / "off" / "images" / "train" / "a__0_0.jpg")).astype(float)
+    assert on[region].mean() < 3, "ignored region not filled black"
+    assert np.abs(off[region] - src[region]).mean() < 8, "mask_ignored=False changed the ignored region"
+    assert np.abs(on[500:700, 500:700] - src[500:700, 500:700]).mean() < 8, "pixels outside ignored regions changed"
+
+
 def test_soda_tiles_border_rule_and_classes(tmp_path):
     objects = make_soda(tmp_path / "SODA-D")
     before = tree_digest(tmp_path / "SODA-D")

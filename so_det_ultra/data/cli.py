@@ -73,8 +73,8 @@ def _common(p, target):
     option(
         p,
         "--mask-ignored",
-        action="store_true",
-        help="fill ignored regions with grey 114 in the converted images",
+        action=argparse.BooleanOptionalAction,
+        help="fill ignored regions in the converted images (VisDrone: grey 114, as ESOD; SODA-D: --ignore-fill)",
         defaults_from=target,
     )
     option(
@@ -125,6 +125,7 @@ def _add_convert(sub):
         help="splits cut into tiles (the others keep full images for evaluation)",
         defaults_from=_soda,
     )
+    option(s, "--ignore-fill", type=int, help="fill value of ignored regions (official: 0)", defaults_from=_soda)
     option(s, "--tile", type=int, help="tile side in px (the SODA-D protocol)", defaults_from=_soda)
     option(s, "--overlap", type=int, help="tile overlap in px (the SODA-D protocol)", defaults_from=_soda)
     option(

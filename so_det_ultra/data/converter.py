@@ -51,7 +51,7 @@ def check_dst(src, dst) -> None:
 
 
 def fill_ignored(img, ann: contract.Annotation, grey: int = GREY):
-    """Fill ``ann``'s ignored regions of ``img`` (HxWxC array, modified in place) with grey; objects' pixels kept."""
+    """Fill ``ann``'s ignored regions of ``img`` (HxWxC array, changed in place) with ``grey``; objects' pixels kept."""
     import numpy as np
 
     mask = np.zeros(img.shape[:2], bool)

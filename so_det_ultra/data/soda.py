@@ -41,8 +41,9 @@ Rules:
 Interpretation: ``sodad_split.py`` (``SODADSplit._divAnn``) marks a cut object ``ignore`` when its visible fraction
 is ``<= interAreaIgnThr`` (0.40 in ``split_configs/split_train.json``), i.e. keeps it when the fraction is above;
 ``min_visible`` keeps it at ``>= min_visible`` (an object exactly at 0.4 is kept here). The official script also
-fills ignored regions of every patch with black (``ignFillVal``); here ``mask_ignored`` (off by default) fills them
-with grey. Tiles are re-encoded (JPEG quality 95).
+fills ignored regions of every patch with black (``ignFillVal`` [0, 0, 0]); so do we by default (``mask_ignored=True``,
+``ignore_fill=0``), keeping the pixels of objects that overlap an ignored region (interpretation: the official fill
+covers the ignore box whole). Tiles are re-encoded (JPEG quality 95).
 
 Examples:
     >>> from so_det_ultra.data.soda import convert_soda
@@ -206,8 +207,10 @@ class SodaD(Converter):
         mask_ignored: bool,
         images: str,
         show_progress: bool,
+        ignore_fill: int = 0,
     ):
         super().__init__(images, mask_ignored, show_progress)
+        self.ignore_fill = ignore_fill
         if not 0 < min_visible <= 1:
             raise ValueError(f"min_visible must be in (0, 1], got {min_visible}")
         tiling.tile_starts(tile, tile, overlap)  # checks tile and overlap before any file is written
@@ -273,7 +276,7 @@ class SodaD(Converter):
             ann, name = anns[image_id], Path(file_name).name
             if split not in self.tile_splits:
                 if self.mask_ignored and ann.ignore:
-                    data = _io.encode(fill_ignored(_io.read_image(src), ann), Path(name).suffix)
+                    data = _io.encode(fill_ignored(_io.read_image(src), ann, self.ignore_fill), Path(name).suffix)
                     out.write(name, w, h, ann, image_bytes=data)
                 else:
                     out.write(name, w, h, ann, image_src=src, mode=mode)
@@ -302,7 +305,7 @@ class SodaD(Converter):
                 img = _io.read_image(src)
             crop = tiling.crop(img, win).copy()
             if self.mask_ignored and part.ignore:
-                crop = fill_ignored(crop, part)
+                crop = fill_ignored(crop, part, self.ignore_fill)
             tile = {"source": name, "x": win[0], "y": win[1]}
             tname = f"{stem}__{win[0]}_{win[1]}{suffix}"
             out.write(tname, win[2] - win[0], win[3] - win[1], part, image_bytes=_io.encode(crop, suffix), tile=tile)
@@ -317,7 +320,8 @@ def convert_soda(
     overlap: int = tiling.SODA_D_OVERLAP,
     min_visible: float = MIN_VISIBLE,
     keep_empty: bool = False,
-    mask_ignored: bool = False,
+    mask_ignored: bool = True,
+    ignore_fill: int = 0,
     images: str = "copy",
     show_progress: bool = True,
     verbose: bool = True,
@@ -334,7 +338,8 @@ def convert_soda(
         overlap: tile overlap in pixels (the SODA-D protocol's 150).
         min_visible: tile border rule threshold (fraction of an object's area inside the tile; official 0.4).
         keep_empty: also write training tiles without objects (tiles of other splits are always all written).
-        mask_ignored: grey-fill ignored regions in written images.
+        mask_ignored: fill ignored regions in written images (on by default, as the official split does).
+        ignore_fill: the fill value (official ``ignFillVal``: 0, black).
         images: ``copy``/``hardlink``/``symlink`` for full images that are not re-encoded.
         show_progress: progress bar per split.
         verbose: log the end summary with Ultralytics' ``LOGGER``.
@@ -342,7 +347,9 @@ def convert_soda(
     Returns:
         The run's :class:`~so_det_ultra.data._summary.Summary` (also written to ``dst/convert-soda-d.log``).
     """
-    converter = SodaD(splits, tile_splits, tile, overlap, min_visible, keep_empty, mask_ignored, images, show_progress)
+    converter = SodaD(
+        splits, tile_splits, tile, overlap, min_visible, keep_empty, mask_ignored, images, show_progress, ignore_fill
+    )
     return converter.run(src, dst, verbose)
 
 
