@@ -140,18 +140,15 @@ def to_originals(predictions, truth: EvalTruth, merge_iou: float = 0.5) -> tuple
 
 
 def merge(dets: list, iou: float) -> list:
-    """Class-wise NMS of ``(x1, y1, x2, y2, score, category)`` tuples; the kept ones, best first per class."""
+    """Class-wise NMS of ``(x1, y1, x2, y2, score, category)`` tuples; the kept ones, best first."""
     import torch
-    from torchvision.ops import nms
+    from torchvision.ops import batched_nms
 
-    a = np.asarray([d[:5] for d in dets], dtype=np.float32).reshape(-1, 5)
+    a = torch.tensor([d[:5] for d in dets], dtype=torch.float32).reshape(-1, 5)
     cats = [d[5] for d in dets]
-    kept = []
-    for c in dict.fromkeys(cats):
-        idx = np.flatnonzero([k == c for k in cats])
-        keep = nms(torch.from_numpy(a[idx, :4]), torch.from_numpy(a[idx, 4]), iou).numpy()
-        kept += [(*map(float, a[j, :5]), c) for j in idx[keep]]
-    return kept
+    index = {c: k for k, c in enumerate(dict.fromkeys(cats))}  # category ids (any hashable) -> batched_nms groups
+    keep = batched_nms(a[:, :4], a[:, 4], torch.tensor([index[c] for c in cats]), iou).tolist()
+    return [(*map(float, a[j].tolist()), cats[j]) for j in keep]
 
 
 def evaluate_split(truth: EvalTruth, predictions, protocol, names=None):
