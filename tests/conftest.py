@@ -14,6 +14,17 @@ BIN = Path(sys.executable).parent
 VISDRONE_SAMPLE = Path(os.environ.get("SO_DET_VISDRONE_SAMPLE", REPO.parent / "shared" / "data" / "visdrone-sample"))
 # Small and fast everywhere: CLI training tests use these unless they need otherwise.
 FAST = ["epochs=1", "imgsz=64", "batch=4", "workers=0", "device=cpu", "plots=False", "exist_ok=True"]
+# The four ways a user loads a checkpoint in a fresh process: (code run before `from ultralytics import YOLO`, env).
+LOAD_MODES = pytest.mark.parametrize(
+    "pre,env",
+    [
+        ("", {}),
+        ("import so_det_ultra", {"SO_DET_ULTRA_AUTOLOAD": "0"}),
+        ("", {"ULTRALYTICS_SAFE_LOAD": "1"}),
+        ("import so_det_ultra", {"ULTRALYTICS_SAFE_LOAD": "1", "SO_DET_ULTRA_AUTOLOAD": "0"}),
+    ],
+    ids=["autoload", "explicit-import", "safe-load", "safe-load-explicit"],
+)
 
 
 def clean_env(**extra) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, REPO, clean_env, python, run, yolo
+from conftest import FAST, LOAD_MODES, REPO, clean_env, python, run, yolo
 
 pytestmark = pytest.mark.cli
 
@@ -102,16 +102,7 @@ print("OK", type(m.model.model[1]).__name__, len(r))
 """
 
 
-@pytest.mark.parametrize(
-    "pre,env",
-    [
-        ("", {}),
-        ("import so_det_ultra", {"SO_DET_ULTRA_AUTOLOAD": "0"}),
-        ("", {"ULTRALYTICS_SAFE_LOAD": "1"}),
-        ("import so_det_ultra", {"ULTRALYTICS_SAFE_LOAD": "1", "SO_DET_ULTRA_AUTOLOAD": "0"}),
-    ],
-    ids=["autoload", "explicit-import", "safe-load", "safe-load-explicit"],
-)
+@LOAD_MODES
 def test_checkpoint_reloads_in_fresh_process(trained, image, workdir, pre, env):
     out = python(RELOAD.format(pre=pre, ckpt=trained, img=image), cwd=workdir, env=clean_env(**env))
     assert "OK CDown 1" in out.stdout

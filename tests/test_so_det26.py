@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FAST, REPO, clean_env, python, yolo
+from conftest import FAST, LOAD_MODES, REPO, clean_env, python, yolo
 
 import so_det_ultra
 from so_det_ultra import paths
@@ -249,16 +249,7 @@ print("OK", type(m.model.model[1]).__name__, m.predictor.model.end2end, len(r[0]
 
 
 @pytest.mark.cli
-@pytest.mark.parametrize(
-    "pre,env",
-    [
-        ("", {}),
-        ("import so_det_ultra", {"SO_DET_ULTRA_AUTOLOAD": "0"}),
-        ("", {"ULTRALYTICS_SAFE_LOAD": "1"}),
-        ("import so_det_ultra", {"ULTRALYTICS_SAFE_LOAD": "1", "SO_DET_ULTRA_AUTOLOAD": "0"}),
-    ],
-    ids=["autoload", "explicit-import", "safe-load", "safe-load-explicit"],
-)
+@LOAD_MODES
 def test_checkpoint_reloads_in_fresh_process(trained, image, workdir, pre, env):
     out = python(RELOAD.format(pre=pre, ckpt=trained, img=image), cwd=workdir, env=clean_env(**env))
     line = out.stdout.strip().splitlines()[-1].split()
