@@ -1,4 +1,4 @@
-"""Resource use of converting and evaluating a VisDrone-val-sized split (issue 13): wall time, images/s, peak memory.
+"""Resource use of converting and evaluating a VisDrone-val-sized split: wall time, images/s, peak memory.
 
 The VisDrone2019-DET val split (548 images, about 39k objects) is simulated by repeating the images of the shared
 VisDrone sample under new names (hard links, annotation files copied) in a temporary folder. Then, each in its own

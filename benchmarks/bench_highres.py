@@ -33,8 +33,10 @@ import time
 from pathlib import Path
 
 import cv2
+import highres_efficiency as eff  # this folder: on sys.path when run as a script
 import numpy as np
 import torch
+from highres_efficiency import coverage, letterbox_geometry, oracle_heatmap  # noqa: F401 (esod_recipe.py)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "visdrone-sample"
@@ -50,7 +52,7 @@ def ground_truth(stem: str, sample: Path, w: int, h: int) -> tuple[np.ndarray, n
 
     lines = (sample / "annotations" / f"{stem}.txt").read_text().splitlines()
     ann = parse_annotation(lines, w, h, stem, Summary())
-    objs = np.array([o[:5] for o in ann.objects], np.float32).reshape(-1, 5)
+    objs = np.array([(o.cls, *o.box) for o in ann.objects], np.float32).reshape(-1, 5)
     return objs, np.array(ann.ignore, np.float32).reshape(-1, 4)
 
 
@@ -161,39 +163,6 @@ def recall(det_xyxy: np.ndarray, gt: np.ndarray, min_size: float = 4.0, iou: flo
     return int((m.max(1).values >= iou).sum()), len(gt)
 
 
-def coverage(patches, gt: np.ndarray, scale: float, pad: tuple[float, float], cell: int, min_size: float = 4.0):
-    """(covered, total) GT objects >= ``min_size`` whose centre (in letterboxed-input pixels) is in a patch core.
-
-    ``cell`` is the heatmap cell in input pixels (``SparseModel.cell``), the unit of the patches' coordinates.
-    """
-    gt = gt[((gt[:, 3] - gt[:, 1]) >= min_size) & ((gt[:, 4] - gt[:, 2]) >= min_size)]
-    cx = (gt[:, 1] + gt[:, 3]) / 2 * scale + pad[0]
-    cy = (gt[:, 2] + gt[:, 4]) / 2 * scale + pad[1]
-    inside = np.zeros(len(gt), bool)
-    for p in patches:
-        y0, x0, y1, x1 = (v * cell for v in p.core)
-        inside |= (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
-    return int(inside.sum()), len(gt)
-
-
-def letterbox_geometry(h, w, hw):
-    r = min(hw[0] / h, hw[1] / w)
-    return r, ((hw[1] - round(w * r)) / 2, (hw[0] - round(h * r)) / 2)
-
-
-def oracle_heatmap(gts, cell: int):
-    """``heat(n, image_hw, input_hw, cells)``: the ground-truth heatmap of frame ``n`` on ``cell``-px cells."""
-    from so_det_ultra.losses.esod import heatmap_target
-
-    def heat(n, image_hw, hw, cells):
-        objs, _ = gts[n]
-        r, (px, py) = letterbox_geometry(*image_hw, hw)
-        b = torch.as_tensor(objs[:, 1:]) * r + torch.tensor([px, py, px, py])
-        return heatmap_target(b, cells, cell)[0]
-
-    return heat
-
-
 def bench(a):
     from ultralytics import YOLO
     from ultralytics.utils.nms import non_max_suppression
@@ -227,6 +196,7 @@ def bench(a):
     }
     sparse_modes.update({f"sparse-oracle p{k}": dict(oracle=True, patch=k) for k in a.patch_sweep})
     sparse_modes["sparse-oracle margin 0"] = dict(oracle=True, margin=0)
+    sparse_modes["sparse-oracle no-merge"] = dict(oracle=True, merge_crops=False)
     if a.modes:
         sparse_modes = {k: v for k, v in sparse_modes.items() if k in a.modes}
     modes = ("dense", *sparse_modes, *(("sliced",) if not a.modes or "sliced" in a.modes else ()))
@@ -235,6 +205,7 @@ def bench(a):
         for m in modes
     }
     oracle = oracle_heatmap(gts, sm.cell)
+    cover, parts, shapes = {m: [] for m in modes if m.startswith("sparse")}, [], {}
 
     def run(mode, n, img):
         if mode == "dense":
@@ -267,6 +238,15 @@ def bench(a):
                 x_hw = common.letterbox(img, None, sm.stride).shape[2:]
                 c, t = coverage(res.patches, gts[n][0], *letterbox_geometry(*img.shape[:2], x_hw), sm.cell)
                 r["cov"], r["covn"] = r["cov"] + c, r["covn"] + t
+                cover[mode].append(eff.covered(res.patches, (x_hw[0] // sm.cell, x_hw[1] // sm.cell)))
+                if res.patches:  # the crop shape the engine runs, for the rest's cost at patch scale
+                    shapes.setdefault(
+                        n,
+                        (
+                            res.patches[0].crop[2] - res.patches[0].crop[0],
+                            res.patches[0].crop[3] - res.patches[0].crop[1],
+                        ),
+                    )
     for _ in range(a.rounds):  # timed rounds, modes interleaved per frame
         for n, img in enumerate(images):
             for mode in modes:
@@ -274,7 +254,15 @@ def bench(a):
                 res, _ = run(mode, n, img)
                 rows[mode]["ms"].append((time.perf_counter() - t0) * 1000)
                 rows[mode]["parts"].append(getattr(res, "speed", {}))
-    report(rows, a)
+            parts.append(eff.time_parts(sm, img, a.conf, a.max_det, shapes.get(n)))
+    rec = report(rows, a)
+    sets = {f"{w}x{h}": [n for n, im in enumerate(images) if im.shape[:2] == (h, w)] for h, w in SIZES}
+    summary = eff.summarise(
+        rows, parts, cover, {**{k: v for k, v in sets.items() if v}, "all": list(range(len(images)))}
+    )
+    eff.print_table(summary)
+    if ("all", "sparse-oracle") in summary and ("all", "sparse-seeker") in summary:
+        print(eff.final_line(summary, "sparse-oracle", "sparse-seeker", 100 * (rec("sparse-seeker") - rec("dense"))))
 
 
 def head(a):
@@ -338,6 +326,7 @@ def report(rows, a):
             f"{m}: {dense / ms:.2f}x faster than dense (goal >= 3x){vs_sliced}, "
             f"recall {100 * (rec(m) - rec('dense')):+.1f} points vs dense (goal >= -2)"
         )
+    return rec
 
 
 def main(argv=None):

@@ -68,7 +68,7 @@ PEER = {
     "so-det26-m": "yolo26s-p2",
     "so-det26-fast-s": "yolo26n-p2",
 }
-# issue 14's goals: (model, peer, target ratio or None for information)
+# the CPU latency goals of docs/models.md: (model, peer, target ratio or None for information)
 GOALS = [
     ("so-det-s", "yolov8n-p2", 1.0),
     ("so-det26-s", "yolo26n-p2", 1.0),

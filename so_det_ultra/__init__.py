@@ -15,8 +15,8 @@ Examples:
 """
 
 from so_det_ultra._bootstrap import ensure_registered
+from so_det_ultra._version import __version__
 
-__version__ = "0.2.0"  # 0.2: SeekerDetect head, decoder-row SR options, FastDetect (checkpoints record this)
 __all__ = ("__version__", "register", "uninstall")
 
 ensure_registered()

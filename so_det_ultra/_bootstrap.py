@@ -3,6 +3,8 @@
 Nothing here imports torch or Ultralytics. :func:`ensure_registered` either registers at once (Ultralytics' model
 module is already loaded) or puts a one-shot finder at the front of ``sys.meta_path`` that wraps that module's loader,
 so the registration runs right after the module body and before anything imports names from it by value.
+Calling :func:`so_det_ultra.integration.install` from here is the one import that goes up the layers, by design (the
+import contracts in pyproject.toml name it; docs/architecture.md, "Layers").
 """
 
 from __future__ import annotations

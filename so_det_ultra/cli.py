@@ -20,9 +20,10 @@ import sys
 from so_det_ultra.data import cli as data_cli
 from so_det_ultra.demo import cli as demo_cli
 from so_det_ultra.highres import cli as highres_cli
+from so_det_ultra.highres import export as export_cli
 from so_det_ultra.metrics import cli as metrics_cli
 
-COMMANDS = (demo_cli, data_cli, metrics_cli, highres_cli)  # demo, synthetic + convert, eval, predict
+COMMANDS = (demo_cli, data_cli, metrics_cli, highres_cli, export_cli)  # ..., predict + merge-predictions, export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; an OS error no command handled (permissions, full disk, a vanished file) is one line naming
+    the path it concerns, exit status 1, instead of a traceback."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except OSError as err:
+        from so_det_ultra.data._io import os_error_text
+
+        print(f"so-det {args.command}: error: {os_error_text(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

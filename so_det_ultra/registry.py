@@ -1,4 +1,5 @@
-"""One registry for every so-det-ultra layer, and the channel rules that tell a model parser how to build it.
+"""The registries of so-det-ultra: YAML layers (:data:`BLOCKS`), criteria (:data:`LOSSES`), and the classes a
+weights-only checkpoint load may rebuild (:data:`SAFE_GLOBALS`).
 
 Each layer declares itself next to its class (OpenMMLab/timm style)::
 
@@ -7,14 +8,19 @@ Each layer declares itself next to its class (OpenMMLab/timm style)::
 
 A *channel rule* is a function ``rule(spec: LayerSpec) -> (c2, args, n)``: given one YAML row and the channels of the
 layers built so far, it returns the block's output channels, the constructor arguments and the repeat count. The
-integration layer (``so_det_ultra.integration``) calls the rule from Ultralytics' ``parse_model``; blocks never see the
-parser, and this module never imports Ultralytics or torch.
+integration layer calls the rule from Ultralytics' ``parse_model``; blocks never see the parser.
+
+Every table knows the modules that fill it (its ``locations``, OpenMMLab's idea) and imports them by name on its first
+lookup, so no caller imports ``so_det_ultra.nn`` just to fill the table. This module imports neither torch nor
+Ultralytics nor any other so-det-ultra module at import time. More: docs/architecture.md, docs/adding-a-block.md.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,9 +44,10 @@ class LayerSpec:
         i (int): Layer index. f (int | list[int]): ``from``. n (int): repeats after depth scaling.
         args (list): YAML arguments (strings such as ``nc`` already resolved). ch (list[int]): output channels of the
         layers built so far (``ch[-1]`` is the previous layer). width (float), max_channels (float), scale (str): the
-        model scale in use. name (str): the module name as written in the YAML. yaml (dict): the whole model
-        dict (``nc``, ``reg_max``, ``end2end``, ...). legacy (bool): Ultralytics' head-style flag at this row (False
-        once a YOLO11-era block such as C3k2 has been seen); heads that subclass ``Detect`` need it.
+        model scale in use, as the YAML names it (``n``, ``s`` ...). name (str): the module name as written in the
+        YAML. yaml (dict): the whole model dict (``nc``, ``reg_max``, ``end2end``, ...). legacy (bool): Ultralytics'
+        head-style flag at this row (False once a YOLO11-era block such as C3k2 has been seen); heads that subclass
+        ``Detect`` need it.
     """
 
     i: int
@@ -98,13 +105,74 @@ class Entry:
         return f"{self.cls.__module__}.{self.cls.__qualname__}"
 
 
-class Registry:
-    """Name -> class table with channel rules; duplicate and unknown names raise errors that say what to do."""
+class _Lazy:
+    """Imports the modules named in ``locations`` once, on the first lookup (re-entrant: a module being imported may
+    itself look the table up)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, locations=()):
+        self.locations = tuple(locations)
+        self._done = self._busy = False
+        self._lock = threading.RLock()
+
+    def _import_locations(self):
+        if self._done:
+            return
+        with self._lock:  # another thread waits here until the table is full
+            if self._done or self._busy:  # busy: this thread is importing them (a lookup from inside a location)
+                return
+            self._busy = True
+            try:
+                for name in self.locations:
+                    importlib.import_module(name)
+                self._done = True
+            finally:
+                self._busy = False
+
+
+class AllowList(_Lazy):
+    """The classes torch's weights-only unpickler may rebuild from a so-det-ultra checkpoint, in registration order.
+
+    Filled by :data:`BLOCKS` and :data:`LOSSES` (every layer and criterion) and by :func:`register_safe_global` (the
+    sub-modules that are not YAML layers). The integration puts them on torch's list and keeps them in step through
+    :attr:`subscribers` (functions called with each class added later).
+    """
+
+    def __init__(self, locations=()):
+        super().__init__(locations)
+        self._classes: dict[str, type] = {}
+        self.subscribers: list[Callable[[type], None]] = []
+
+    def add(self, cls: type) -> type:
+        key = f"{cls.__module__}.{cls.__qualname__}"
+        if self._classes.get(key) is not cls:
+            self._classes[key] = cls
+            for fn in list(self.subscribers):
+                fn(cls)
+        return cls
+
+    def classes(self) -> list:
+        """Every allowed class (the ``locations`` imported first)."""
+        self._import_locations()
+        return list(self._classes.values())
+
+    def __contains__(self, cls) -> bool:
+        return cls in self.classes()
+
+
+class Registry(_Lazy):
+    """Name -> class table with channel rules; duplicate and unknown names raise errors that say what to do.
+
+    Args:
+        kind: What the entries are (``block``, ``loss``), for messages.
+        locations: Modules that register the entries; imported on the first lookup.
+        allow: An :class:`AllowList` every registered class is also added to (None: none).
+    """
+
+    def __init__(self, kind: str, locations=(), allow: AllowList | None = None):
+        super().__init__(locations)
         self.kind = kind
+        self.allow = allow
         self._entries: dict[str, Entry] = {}
-        self._subscribers: list[Callable[[Entry], None]] = []
 
     def register(self, cls: type | None = None, *, name: str | None = None, channels: Callable | None = None):
         """Register ``cls`` (usable as ``@register`` or ``@register(channels=rule)``).
@@ -112,8 +180,7 @@ class Registry:
         Args:
             cls: The class; omitted when used as a decorator factory.
             name: YAML name; defaults to the class name.
-            channels: Channel rule (see module docstring); ``None`` for classes that are not YAML layers (losses,
-                models) and are registered only so checkpoints that contain them load under safe loading.
+            channels: Channel rule (see module docstring); ``None`` for entries that are not YAML layers (losses).
         """
 
         def add(c):
@@ -123,29 +190,22 @@ class Registry:
                 raise KeyError(f"{self.kind} '{key}' is already registered by {old.origin}; pick another name")
             entry = Entry(key, c, channels)
             self._entries[key] = entry
-            for fn in self._subscribers:
-                fn(entry)
+            if self.allow is not None:
+                self.allow.add(c)
             return c
 
         return add(cls) if cls is not None else add
 
-    def subscribe(self, fn: Callable[[Entry], None]):
-        """Call ``fn(entry)`` for every entry now and for every entry registered later."""
-        self._subscribers.append(fn)
-        for entry in list(self._entries.values()):
-            fn(entry)
-
-    def unsubscribe(self, fn: Callable[[Entry], None]):
-        """Stop calling ``fn`` for new entries (no-op if it is not subscribed)."""
-        self._subscribers[:] = [f for f in self._subscribers if f is not fn]
-
     def __contains__(self, key) -> bool:
+        self._import_locations()
         return key in self._entries
 
     def names(self, layers_only: bool = True) -> list:
+        self._import_locations()
         return sorted(k for k, e in self._entries.items() if e.channels is not None or not layers_only)
 
     def get(self, key: str) -> Entry:
+        self._import_locations()
         try:
             return self._entries[key]
         except KeyError:
@@ -153,6 +213,7 @@ class Registry:
 
     def find_class(self, cls) -> Entry | None:
         """The entry of ``cls`` if it is a registered YAML layer, else None."""
+        self._import_locations()
         entry = self._entries.get(getattr(cls, "__name__", ""))
         return entry if entry is not None and entry.cls is cls and entry.channels is not None else None
 
@@ -166,15 +227,29 @@ class Registry:
         )
 
 
-BLOCKS = Registry("block")
-LOSSES = Registry("loss")
+# The modules that fill each table (imported by the table on its first lookup; importlib, so no import arrow runs from
+# this bottom layer up to them). A new block family or loss module is added to its package's __init__.
+SAFE_GLOBALS = AllowList(locations=("so_det_ultra.nn",))
+BLOCKS = Registry("block", locations=("so_det_ultra.nn",), allow=SAFE_GLOBALS)
+LOSSES = Registry("loss", locations=("so_det_ultra.losses",), allow=SAFE_GLOBALS)
 
 
 def register_block(cls=None, *, name=None, channels=None):
-    """Register a layer (or, with ``channels=None``, a non-layer class such as a loss) in :data:`BLOCKS`."""
+    """Register a YAML layer with its channel rule in :data:`BLOCKS` (and :data:`SAFE_GLOBALS`).
+
+    Without ``channels`` the class is not a YAML layer: it goes to :data:`SAFE_GLOBALS` only
+    (:func:`register_safe_global`).
+    """
+    if channels is None:
+        return register_safe_global(cls) if cls is not None else register_safe_global
     return BLOCKS.register(cls, name=name, channels=channels)
 
 
 def register_loss(cls=None, *, name=None):
-    """Register a training criterion selectable from a model YAML's ``loss:`` section (see integration.losses)."""
+    """Register a training criterion selectable from a model YAML's ``loss:`` section (:mod:`so_det_ultra.losses`)."""
     return LOSSES.register(cls, name=name, channels=None)
+
+
+def register_safe_global(cls):
+    """Allow ``cls`` (a sub-module that is not a YAML layer) in weights-only checkpoint loads; usable as a decorator."""
+    return SAFE_GLOBALS.add(cls)

@@ -188,3 +188,59 @@ def test_spatial_attention_conv_mean_equals_reduce_mean():
     m, x = CGASpatialAttention(24), torch.randn(2, 24, 9, 9)
     diff = (m(x) - m.forward_reference(x)).abs().max().item()
     assert diff < 1e-5, f"max abs diff {diff}"
+
+
+def _so_det_rows(row16):
+    """``so-det.yaml`` with its WeightedConcat row's arguments replaced by ``row16`` (None: as shipped)."""
+    import yaml
+
+    from so_det_ultra import paths
+
+    d = yaml.safe_load((paths.cfg_root() / "models" / "so-det.yaml").read_text())
+    if row16 is not None:
+        i = next(k for k, r in enumerate(d["head"]) if r[2] == "WeightedConcat")
+        d["head"][i][3] = row16
+    return d
+
+
+def _build(d):
+    from ultralytics.nn.tasks import DetectionModel
+
+    import so_det_ultra
+
+    so_det_ultra.register()  # this module imported the blocks before Ultralytics' model module
+    torch.manual_seed(0)
+    return DetectionModel(dict(d, scale="n"), nc=3, verbose=False)
+
+
+def _weighted(model):
+    return next(m for m in model.modules() if isinstance(m, WeightedConcat))
+
+
+def test_weighted_concat_initial_weights_load_from_yaml():
+    """so-det.yaml gives the CLWA link the official 1:3 weighting (models/SO-Det.py line 43): v = [1, 1, 3]."""
+    torch.testing.assert_close(_weighted(_build(_so_det_rows(None))).weight.data, torch.tensor([1.0, 1.0, 3.0]))
+    keyword = _weighted(_build(_so_det_rows([{"weights": [0.5, 2, 1]}])))
+    torch.testing.assert_close(keyword.weight.data, torch.tensor([0.5, 2.0, 1.0]))
+    torch.testing.assert_close(_weighted(_build(_so_det_rows([]))).weight.data, torch.ones(3))  # the earlier form
+    torch.testing.assert_close(_weighted(_build(_so_det_rows([1]))).weight.data, torch.ones(3))
+
+
+@pytest.mark.parametrize("args", [[1, [1.0, 3.0]], [2, [1, 1, 3]], [{"weight": [1, 1, 3]}], [1, [1, 1, 3], 4]])
+def test_weighted_concat_yaml_errors_name_the_layer(args):
+    from so_det_ultra.registry import ModelBuildError
+
+    with pytest.raises(ModelBuildError, match="WeightedConcat"):
+        _build(_so_det_rows(args))
+
+
+def test_weighted_concat_checkpoint_of_earlier_form_loads(tmp_path):
+    """A model built from the earlier row (``[]``) saves and loads, whole or as a state dict into the new row."""
+    old = _build(_so_det_rows([]))
+    torch.save(old, tmp_path / "old.pt")
+    back = torch.load(tmp_path / "old.pt", weights_only=False)
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(back.eval()(x)[0], old.eval()(x)[0])
+    new = _build(_so_det_rows(None))
+    new.load_state_dict(old.state_dict())
+    torch.testing.assert_close(_weighted(new).weight.data, torch.ones(3))

@@ -284,7 +284,25 @@ def test_scales_reach_the_new_blocks(scale, c2):
     efpn = _layers("so-det-efpn", scale)
     assert _first(efpn, CEM).out.conv.out_channels == c2
     assert _first(efpn, FBSM).hidden.conv.in_channels == c2  # first FBSM gates the P2 output (256 in the YAML)
-    assert _first(_layers("so-det-sgdm", scale), SGDM).rd.razor.conv.in_channels == 2 * c2  # P3 out: 512 in the YAML
+    assert _first(_layers("so-det-sgdm", scale), SGDM).rd.razor.conv.in_channels == c2  # backbone P2: 256 in the YAML
+    assert _first(_layers("so-det-sgdm-neck", scale), SGDM).rd.razor.conv.in_channels == 2 * c2  # P3 out: 512
+
+
+def test_so_det_sgdm_default_places_sgdm_in_the_backbone():
+    """so-det-sgdm: one SGDM [7, 1] after each backbone stage, before SPPF; the neck placement is a named variant."""
+    from ultralytics.nn.modules import SPPF
+
+    layers = _layers("so-det-sgdm", "s")
+    sppf = next(i for i, m in enumerate(layers) if isinstance(m, SPPF))
+    idx = [i for i, m in enumerate(layers) if isinstance(m, SGDM)]
+    assert idx == [3, 6, 9] and sppf == 10
+    assert [layers[i].rd.razor.conv.out_channels for i in idx] == [64, 128, 128]  # razor = 1 at s width
+    neck = _layers("so-det-sgdm-neck", "s")
+    assert all(
+        i > next(j for j, m in enumerate(neck) if isinstance(m, SPPF))
+        for i, m in enumerate(neck)
+        if isinstance(m, SGDM)
+    )
 
 
 def test_max_channels_caps_the_new_blocks():

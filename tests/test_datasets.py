@@ -1,4 +1,4 @@
-"""Dataset converters (issue 4): VisDrone2019-DET and SODA-D -> YOLO labels + sidecars, shipped dataset YAMLs.
+"""Dataset converters: VisDrone2019-DET and SODA-D -> YOLO labels + sidecars, shipped dataset YAMLs.
 
 Real-data tests use the VisDrone sample (``VISDRONE_SAMPLE``) and skip where it is absent; SODA-D uses a COCO JSON
 built here. One stock-CLI run trains through ``data=visdrone.yaml`` (offline conversion step) on a 8+4 image subset.
@@ -114,12 +114,14 @@ def test_source_untouched_and_rerun_idempotent(converted, tmp_path):
 @needs_sample
 def test_mask_ignored_regions(tmp_path):
     stem = "0000142_04658_d_0000046"  # has ignored regions
-    src = subset(tmp_path / "VisDrone2019-DET-val", [stem])
-    plain = visdrone.convert_visdrone(tmp_path, tmp_path / "plain", show_progress=False, verbose=False)
+    src = subset(tmp_path / "dl" / "VisDrone2019-DET-val", [stem])
+    plain = visdrone.convert_visdrone(tmp_path / "dl", tmp_path / "plain", show_progress=False, verbose=False)
     assert plain.images == {"val": 1}
     out = tmp_path / "plain" / "images" / "val" / f"{stem}.jpg"
     assert out.read_bytes() == (src / "images" / f"{stem}.jpg").read_bytes(), "default must not alter images"
-    visdrone.convert_visdrone(tmp_path, tmp_path / "masked", mask_ignored=True, show_progress=False, verbose=False)
+    visdrone.convert_visdrone(
+        tmp_path / "dl", tmp_path / "masked", mask_ignored=True, show_progress=False, verbose=False
+    )
     side = json.loads((tmp_path / "masked" / "sidecars" / "val" / f"{stem}.json").read_text())
     img = cv2.imread(str(tmp_path / "masked" / "images" / "val" / f"{stem}.jpg")).astype(int)
     orig = cv2.imread(str(out)).astype(int)
@@ -326,7 +328,8 @@ def test_soda_tiles_border_rule_and_classes(tmp_path):
     assert [o["cls"] for o in side["objects"]] == [0, 1, 1, 0, 0]
     assert side["objects"][4]["box"] == [1680, 880, 1700, 900]
     side_b = json.loads((tmp_path / "out" / "sidecars" / "val" / "b.json").read_text())
-    assert side_b["ignore"] == [[50, 50, 58, 58]] and len(side_b["objects"]) == 1
+    assert side_b["ignore"] == [] and len(side_b["objects"]) == 1  # the flagged object: ignored ground truth
+    assert side_b["ignored_objects"] == [{"cls": 1, "box": [50, 50, 58, 58]}]
     # train: tiles of a.jpg by the border rule
     tiles = {}
     for f in sorted((tmp_path / "out" / "sidecars" / "train").glob("a__*.json")):
@@ -361,7 +364,7 @@ def test_soda_tiles_border_rule_and_classes(tmp_path):
     )
     t = json.loads((tmp_path / "out" / "sidecars" / "train" / "a__650_0.json").read_text())
     assert [0, 40, 10, 50] in t["ignore"] and all(o["box"] != [0, 40, 10, 50] for o in t["objects"])
-    assert s2.skipped["cut by a tile border, < 0.6 visible -> tile ignore"] > 0
+    assert s2.skipped["cut by a tile border, <= 0.6 visible -> tile ignore"] > 0
 
 
 # ------------------------------------------------------------------------------- shipped YAMLs and the stock CLI
@@ -441,7 +444,7 @@ def test_soda_yaml_download_step_converts_local_folder(tmp_path, monkeypatch):
     script = yaml.safe_load(_dataset_yaml("soda-d.yaml").read_text())["download"]
     exec(script, {"yaml": {"path": root}})  # what Ultralytics' check_det_dataset does with a Python `download:`
     assert any((root / "images" / "val").glob("a__*.jpg")) and any((root / "images" / "train").glob("a__*.jpg"))
-    assert (root / "sidecars" / "val" / "a.json").is_file()  # val is tiled (issue 15); a.jpg's own sidecar stays
+    assert (root / "sidecars" / "val" / "a.json").is_file()  # val is tiled; a.jpg's own sidecar stays
     assert yaml.safe_load((root / "data.yaml").read_text())["val"] == "images/val"
 
 
@@ -462,7 +465,7 @@ def test_convert_help(argv, capsys):
     assert exc.value.code == 0 and "usage: so-det convert" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------------- data contract, tiling, CLI (issue 12)
+# ------------------------------------------------------------------------------------ data contract, tiling, CLI
 def test_sidecar_round_trip_and_paths(tmp_path):
     ann = contract.Annotation([(1, 2.0, 3.5, 10.25, 20.0, None, None)], [[0, 0, 5.12345, 5]])
     path = contract.sidecar_path(tmp_path / "images" / "val" / "a.jpg", tmp_path)
@@ -470,8 +473,8 @@ def test_sidecar_round_trip_and_paths(tmp_path):
     assert contract.write_sidecar(path, "a.jpg", 40, 30, ann, tile={"source": "big.jpg", "x": 800, "y": 0})
     assert not contract.write_sidecar(path, "a.jpg", 40, 30, ann, tile={"source": "big.jpg", "x": 800, "y": 0})
     side = contract.read_sidecar(path)
-    assert (side.image, side.width, side.height, side.tile["x"]) == ("a.jpg", 40, 30, 800)
-    assert side.ignore.tolist() == [[0, 0, 5.123, 5]] and side.objects[0]["box"] == [2, 3.5, 10.25, 20]
+    assert (side.image, side.width, side.height, side.tile.x) == ("a.jpg", 40, 30, 800)
+    assert side.ignore.tolist() == [[0, 0, 5.123, 5]] and side.objects[0].box == (2, 3.5, 10.25, 20)
     assert contract.read_sidecar(tmp_path / "none.json") is None
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="bad.json"):
@@ -483,7 +486,7 @@ def test_sidecar_round_trip_and_paths(tmp_path):
 
 
 def test_size_bins_are_the_metrics_bins():
-    from so_det_ultra.metrics.coco import PROTOCOLS
+    from so_det_ultra.metrics.protocol import PROTOCOLS
 
     assert PROTOCOLS["visdrone"].bins is contract.COCO_BINS and PROTOCOLS["soda-d"].bins is contract.SODA_D_BINS
     assert [contract.size_bin(a) for a in (0, 32**2, 32**2 + 1, 96**2, 96**2 + 1)] == ["small"] * 2 + ["medium"] * 2 + [

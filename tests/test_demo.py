@@ -10,6 +10,7 @@ from conftest import BIN, run
 
 from so_det_ultra.cli import main
 from so_det_ultra.demo.pipeline import DemoError, fresh_dir
+from so_det_ultra.demo.recall import FALLBACK_CONF, describe, f1_threshold, match
 
 
 def test_demo_runs_end_to_end_reduced(workdir):
@@ -22,6 +23,8 @@ def test_demo_runs_end_to_end_reduced(workdir):
     text = proc.stdout
     stages = re.findall(r"^\[(\d)/6\] (\w+):", text, re.M)
     assert stages == [(str(k), s) for k, s in enumerate(["data", "train", "validate", "predict", "export", "done"], 1)]
+    assert re.search(r"^\[4/6\] predict: 4 validation images at score >= [\d.]+ \(F1 [\d.]+\)", text, re.M), text
+    assert re.search(r"F1-optimal on validation\): recall .*all \d+/\d+ \([\d.]+\); \d+ boxes matched no object", text)
     diff = float(re.search(r"max \|ONNX - PyTorch\| = (\S+) \(tolerance 0.001\): OK", text).group(1))
     assert 0 <= diff <= 1e-3
     table = dict(re.findall(r"^ {6}(\S.*?\S)  +(/\S+)$", text, re.M))  # label -> path, printed at the end
@@ -64,3 +67,27 @@ def test_default_folder_is_fresh(tmp_path, monkeypatch):
     with pytest.raises(DemoError, match="--exist-ok"):
         fresh_dir(tmp_path / "so-det-demo")
     assert fresh_dir(tmp_path / "so-det-demo", exist_ok=True) == tmp_path / "so-det-demo"
+
+
+def test_f1_threshold_is_the_argmax_of_the_class_mean_curve():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    px = np.linspace(0, 1, 1000)
+    curve = np.stack([np.exp(-((px - 0.3) ** 2) / 0.1), np.exp(-((px - 0.5) ** 2) / 0.1)])  # class peaks 0.3, 0.5
+    conf, f1 = f1_threshold(SimpleNamespace(px=px, f1_curve=curve))
+    assert conf == pytest.approx(0.4, abs=2e-3) and 0 < f1 < 1  # the mean curve peaks between the two
+    assert f1_threshold(SimpleNamespace(px=px, f1_curve=np.zeros((2, 1000)))) == (FALLBACK_CONF, 0.0)
+
+
+def test_match_counts_a_duplicate_box_as_extra_and_keeps_classes_apart():
+    import torch
+
+    gt_cls, gt = torch.tensor([0.0, 1.0]), torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=torch.float32)
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30]], dtype=torch.float32)
+    hit, extra = match(gt_cls, gt, torch.tensor([0.0, 0.0, 0.0]), boxes, torch.tensor([0.9, 0.8, 0.7]))
+    assert hit.tolist() == [True, False] and extra == 2  # duplicate of object 0; right box, wrong class for object 1
+    assert describe({"eS": (1, 2), "all": (1, 2), "extra boxes": 2}) == (
+        "recall eS 1/2 (0.50)  all 1/2 (0.50); 2 boxes matched no object"
+    )

@@ -76,7 +76,7 @@ def test_st_target_never_exceeds_classification_target():
 
 
 def test_losses_without_switches_and_with_beta_one_equal_stock_vfl():
-    """beta = 1 reduces ST to IoU-aware VFL: BetterSampling equals Ultralytics' RTDETRDetectionLoss exactly."""
+    """beta = 1 with s = 1 reduces ST to IoU-aware VFL: BetterSampling equals Ultralytics' RTDETRDetectionLoss."""
     from ultralytics.models.utils.loss import RTDETRDetectionLoss
 
     m = build()
@@ -87,13 +87,49 @@ def test_losses_without_switches_and_with_beta_one_equal_stock_vfl():
     for crit in (
         RTDETRDetectionLoss(nc=3, use_vfl=True),
         BetterSampling(m),
-        BetterSampling(m, st={"beta": 1.0}),
+        BetterSampling(m, st={"beta": 1.0, "s": "target"}),
         BetterSampling(m, st=True),
     ):
         m.criterion = crit
         values.append(float(m.loss(b, preds)[0].detach()))
     assert values[1] == pytest.approx(values[0], rel=1e-6) and values[2] == pytest.approx(values[0], rel=1e-6), values
     assert values[3] != pytest.approx(values[0], rel=1e-4)  # the default ST does change the loss
+
+
+def test_st_target_reads_predicted_confidence_two_queries():
+    """Two queries, one object: the positive's VFL target is t = u^beta v^(1-beta) * sigmoid(logit) (eqs. 2, 15, 19).
+
+    Query 0 (matched) is a box of half the object's side inside it: u = 0.25, rho = 0.25, sqrt(rho) = 0.5, so
+    c = 0.25^0.73 * exp(-6 * 0.25)^0.27; its logit for the object's class is 2. Query 1 is a negative.
+    """
+    m = build()
+    gt_cls, gt_box = torch.tensor([0]), torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.1, 0.1], [0.1, 0.1, 0.05, 0.05]]])
+    logits = torch.tensor([[[2.0, -1.0, -2.0], [-3.0, 0.5, -1.5]]])
+    match = [(torch.tensor([0]), torch.tensor([0]))]
+    c = 0.25**0.73 * math.exp(-6 * 0.25) ** 0.27
+
+    def loss_class(**st):
+        crit = BetterSampling(m, st={"beta": 0.73, "theta": 6.0, **st})
+        crit.device = boxes.device
+        terms, _ = crit._layer_loss(boxes, logits, (gt_cls, gt_box, [1]), "", match, None, None)
+        return terms["loss_class"].item()
+
+    def by_hand(t):  # VFL: positive q = t (weight t), negatives alpha p^gamma BCE(p, 0); alpha 0.25, gamma 1.5
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        neg = logits.clone()
+        q = torch.zeros_like(logits)
+        q[0, 0, 0] = t
+        w = 0.25 * logits.sigmoid() ** 1.5
+        w[0, 0, 0] = t
+        return (bce(neg, q, reduction="none") * w).sum().item()
+
+    t_pred = c * torch.sigmoid(torch.tensor(2.0)).item()  # s = predicted confidence, ~0.176 * 0.881
+    assert loss_class() == pytest.approx(by_hand(t_pred), rel=1e-5)
+    assert loss_class(s="target") == pytest.approx(by_hand(c), rel=1e-5)  # the earlier reading, s = 1
+    assert by_hand(t_pred) != pytest.approx(by_hand(c), rel=1e-3)
+    with pytest.raises(ValueError, match="s in"):
+        BetterSampling(m, st={"s": "probability"})
 
 
 def targets_of(b):

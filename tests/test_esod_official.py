@@ -13,8 +13,9 @@ from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
 from so_det_ultra import paths
-from so_det_ultra.highres.train import cut, gt_patches, on_train_start, patch_preds, train_config, uniform_origins
+from so_det_ultra.integration.esod import on_train_start
 from so_det_ultra.losses.esod import ESODLoss, box_weights, class_ratio, heatmap_target, patch_batch
+from so_det_ultra.training.esod import cut, gt_patches, patch_preds, train_config, uniform_origins
 
 # --- heatmap weights --------------------------------------------------------------------------------------------------
 
@@ -150,7 +151,7 @@ def _patch_model(**opts):
 
 
 def test_patch_training_forward_and_gradients():
-    model = _patch_model(warmup_epochs=1).train()
+    model = _patch_model(warmup_epochs=1, warmup_keep="gt").train()
     assert train_config(model) == {"patch": 2, "warmup_epochs": 1, "warmup_keep": "gt"}
     batch = {
         "img": torch.rand(2, 3, 64, 64),
@@ -165,13 +166,11 @@ def test_patch_training_forward_and_gradients():
     assert all(
         p.grad is not None for p in [*head.cv2.parameters(), *head.cv3.parameters(), *model.model[5].parameters()]
     )
-    crit = model.criterion
-    warm = patch_preds(model, batch, train_config(model), crit)
+    warm = patch_preds(model, batch, train_config(model), epoch=0, epochs=10)
     assert warm["patch_origin"].tolist() == [[0, 0, 0], [1, 32, 32]], "warm-up: ground-truth patches only"
     assert warm["seek"].shape == (2, 1, 8, 8), "the heatmap loss sees the full frame"
     assert warm["feats"][0].shape[0] == 2
-    crit.epoch = 1
-    after = patch_preds(model, batch, train_config(model), crit)
+    after = patch_preds(model, batch, train_config(model), epoch=1, epochs=10)
     assert len(after["patch_origin"]) == 8 and after["feats"][0].shape[0] == 8, "then every uniform patch"
 
 

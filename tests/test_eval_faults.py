@@ -1,10 +1,12 @@
 """``so-det eval`` on bad predictions files: each fault is a clear error (exit 2) or a documented rule, no traceback.
 
-The rules are in docs/metrics.md ("Predictions file rules") and :func:`so_det_ultra.metrics.coco.load_predictions`.
+The rules are in docs/metrics.md ("Predictions file rules") and
+:func:`so_det_ultra.metrics.predictions.load_predictions`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -86,3 +88,36 @@ def test_missing_and_binary_files_are_clear_errors(data_yaml, tmp_path, capsys):
     assert main(["eval", "--data", str(data_yaml), "--pred", str(binary)]) == 2
     err = capsys.readouterr().err
     assert "not UTF-8 text" in err and str(binary) in err and "Traceback" not in err
+
+
+def test_json_folder_is_refused_before_computing(data_yaml, tmp_path, capsys, monkeypatch):
+    """``--json DIR`` is an error naming the option, given before any evaluation runs (no table is printed)."""
+    evaluate = importlib.import_module("so_det_ultra.metrics.evaluate")  # the package exports a function of that name
+
+    pred = tmp_path / "predictions.json"
+    pred.write_text(json.dumps([GOOD]))
+    folder = tmp_path / "results"
+    folder.mkdir()
+    monkeypatch.setattr(evaluate, "evaluate_dataset", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    rc = main(["eval", "--data", str(data_yaml), "--pred", str(pred), "--json", str(folder)])
+    out = capsys.readouterr()
+    assert rc == 2 and out.out == ""
+    assert (
+        out.err.strip()
+        == f"so-det eval: error: --json {folder} is a folder; give a file name, e.g. {folder / 'ap.json'}"
+    )
+    assert list(folder.iterdir()) == []
+
+
+def test_plot_name_without_suffix_reports_the_file_written(data_yaml, tmp_path, capsys, monkeypatch):
+    """``--plot adir`` writes ``adir.png`` and says so; ``--plot DIR`` is refused before computing."""
+    monkeypatch.chdir(tmp_path)
+    pred = tmp_path / "predictions.json"
+    pred.write_text(json.dumps([GOOD]))
+    assert main(["eval", "--data", str(data_yaml), "--pred", str(pred), "--plot", "adir"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "adir.png").is_file() and not (tmp_path / "adir").exists()
+    assert out.strip().endswith("wrote adir.png"), out[-300:]
+    (tmp_path / "plots").mkdir()
+    assert main(["eval", "--data", str(data_yaml), "--pred", str(pred), "--plot", "plots"]) == 2
+    assert "--plot plots is a folder" in capsys.readouterr().err

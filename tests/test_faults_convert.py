@@ -1,4 +1,4 @@
-"""Converter faults (issue 13): a conversion killed mid-way, then rerun, and bad files in the source.
+"""Converter faults: a conversion killed mid-way, then rerun, and bad files in the source.
 
 - ``SO_DET_FAULT_KILL_AFTER=N`` makes ``so-det convert`` SIGKILL itself after its N-th complete temporary file, just
   before moving it into place (:mod:`so_det_ultra.data._io`); the kill points are drawn with a fixed seed. A rerun must
@@ -69,8 +69,8 @@ def test_visdrone_killed_then_rerun_is_byte_identical(tmp_path):
     src, dst = visdrone_source(tmp_path / "src"), tmp_path / "dst"
     visdrone.convert_visdrone(src, dst, show_progress=False, verbose=False)
     want = tree(dst)
-    writes = len(want)  # files written by a fresh run: images, labels, sidecars, data.yaml (+ the log)
-    assert writes == 5 * 3 + 1
+    writes = len(want)  # files of a fresh run: images, labels, sidecars, data.yaml, manifest, lock (+ the log)
+    assert writes == 5 * 3 + 3
     cmd = [BIN / "so-det", "convert", "visdrone", src, dst, "--no-progress"]
     for after in random.Random(13).sample(range(1, writes + 1), 2):
         shutil.rmtree(dst)

@@ -124,8 +124,8 @@ head:
 """
 
 TRAIN = """
-import so_det_ultra
-so_det_ultra.__version__ = "0.0.9"  # as if an older release wrote the checkpoint
+import so_det_ultra._version
+so_det_ultra._version.__version__ = "0.0.9"  # as if an older release wrote the checkpoint
 import my_blocks
 from ultralytics import YOLO
 YOLO("tmp-model.yaml").train(

@@ -1,4 +1,4 @@
-"""Bad model YAMLs, fuzzed (issue 13): every row either builds or raises the package's own error naming the layer.
+"""Bad model YAMLs, fuzzed: every row either builds or raises the package's own error naming the layer.
 
 For every registered block (:data:`so_det_ultra.registry.BLOCKS`), Hypothesis writes a tiny model YAML: four
 fixed rows (:data:`BASE`), then one row of that block with mutated arguments (taken from the shipped YAMLs, then

@@ -111,7 +111,7 @@ def _batch(model_imgsz=64):
 def test_esod_loss_adds_seek_term_with_gradients():
     model = DetectionModel("so-det-esod-n.yaml", nc=3, verbose=False)
     model.args = get_cfg()
-    batch = _batch()
+    batch = _batch(128)  # the shipped YAML trains on 8x8 uniform patches of 16 px (the largest stride)
     assert isinstance(model.init_criterion(), ESODLoss), "the YAML's loss: key selects ESODLoss"
     loss, items = model.loss(batch)
     names = list(items) if isinstance(items, dict) else None
@@ -252,9 +252,17 @@ def test_sparse_needs_a_seeker():
 @pytest.mark.cli
 def test_esod_trains_with_stock_cli_and_predicts_sparse(tiny_data, workdir, tmp_path):
     out = yolo(
-        "train", "model=so-det-esod-n.yaml", f"data={tiny_data}", *FAST, f"project={tmp_path}", "name=t", cwd=workdir
+        "train",
+        "model=so-det-esod-n.yaml",
+        f"data={tiny_data}",
+        *FAST,
+        "imgsz=128",  # the shipped YAML trains on 8x8 patches, which must be multiples of stride 16
+        f"project={tmp_path}",
+        "name=t",
+        cwd=workdir,
     )
     assert "seek_loss" in out.stdout + out.stderr
+    assert "ESOD patch training: 8x8 uniform patches per image (all kept in every epoch)" in out.stdout + out.stderr
     header = (tmp_path / "t" / "results.csv").read_text().splitlines()[0]
     assert "train/seek_loss" in header and "val/seek_loss" in header
     best = tmp_path / "t" / "weights" / "best.pt"

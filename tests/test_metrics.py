@@ -1,4 +1,4 @@
-"""Issue 5: size-wise COCO AP with ignored regions (so_det_ultra.metrics), hand-built answers and the stock CLI."""
+"""Size-wise COCO AP with ignored regions (so_det_ultra.metrics), hand-built answers and the stock CLI."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 import yaml
 from conftest import BIN, FAST, run, yolo
 
-from so_det_ultra.metrics.coco import PROTOCOLS, ImageTruth, evaluate, evaluate_dataset, protocol_from_data
+from so_det_ultra.metrics.evaluate import evaluate, evaluate_dataset
 from so_det_ultra.metrics.hooks import _extend_results_row
 from so_det_ultra.metrics.ignore import covered_fraction, in_ignored
+from so_det_ultra.metrics.protocol import PROTOCOLS, protocol_from_data
+from so_det_ultra.metrics.truth import ImageTruth
 
 VD, SODA = PROTOCOLS["visdrone"], PROTOCOLS["soda-d"]
 NAMES = ["a", "b", "c"]

@@ -198,7 +198,7 @@ def test_sahi_runs_our_checkpoint(tmp_path):
     assert int(lines["PREDICTIONS"]) > 0, out
 
 
-# ------------------------------------------------------------------------------- shared grid, CLI defaults (issue 12)
+# ---------------------------------------------------------------------------------------- shared grid, CLI defaults
 
 
 @pytest.mark.parametrize("h, w", [(900, 1700), (800, 800), (1080, 1920), (300, 5000)])

@@ -1,4 +1,4 @@
-"""Issue 15: the official SODA-D evaluation protocol (so_det_ultra.metrics, soda-d), checked against an independent
+"""The official SODA-D evaluation protocol (so_det_ultra.metrics, soda-d), checked against an independent
 numpy reference of github.com/shaunyuan22/SODA-mmdetection's ``SODADDataset.merge_dets`` + ``SODADeval``."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from so_det_ultra.data import contract, soda, tiling
-from so_det_ultra.metrics.coco import PROTOCOLS, ImageTruth, evaluate, protocol_from_data
-from so_det_ultra.metrics.tiles import EvalTruth, evaluate_split, load_eval_truth
+from so_det_ultra.metrics.evaluate import evaluate, evaluate_split
+from so_det_ultra.metrics.protocol import PROTOCOLS, protocol_from_data
+from so_det_ultra.metrics.truth import EvalTruth, ImageTruth, load_eval_truth
 
 OFFICIAL, FULLFRAME = PROTOCOLS["soda-d"], PROTOCOLS["soda-d-fullframe"]
 KEYS = ("AP", "AP50", "AP75", "AP_eS", "AP_rS", "AP_gS", "AP_N")

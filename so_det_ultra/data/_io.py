@@ -3,8 +3,10 @@
 Every output file is written to a temporary file in the same folder and moved into place with :func:`os.replace`,
 so an interrupted run never leaves a half-written label or image behind. A file whose bytes would not change is not
 rewritten at all, which keeps reruns idempotent down to the modification times (Ultralytics' label cache stays
-valid). Temporary files a killed run left behind (``.<name>.*.tmp``) are removed by the next run
-(:func:`remove_temp`).
+valid). Temporary files are named after the process that writes them (``.<name>.<pid>-<random>.tmp``); those a killed
+run left behind are removed by the next run (:func:`remove_temp`), never those of a process that is still running.
+Every file written here gets the permissions a new file gets from the umask (``0o666 & ~umask``: 0644 under the
+usual umask 022), also when it is a copy of a source image with other permissions.
 
 Fault injection for tests: with ``SO_DET_FAULT_KILL_AFTER=N`` in the environment, the process SIGKILLs itself right
 after its N-th temporary file is complete and before it is moved into place (the worst moment for a crash).
@@ -14,14 +16,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
-import tempfile
+import stat
 import zipfile
 from pathlib import Path
 
 IMAGE_MODES = ("copy", "hardlink", "symlink")
-TEMP_GLOB = ".*.tmp"  # names of the temporary files below: ".<name>.<random or pid>.tmp"
+TEMP_GLOB = ".*.tmp"  # names of the temporary files below: ".<name>.<pid>-<random>.tmp"
+TEMP_RE = re.compile(r"^\..+\.(\d+)-[0-9a-f]+\.tmp$")
 FAULT_ENV = "SO_DET_FAULT_KILL_AFTER"
 _writes = [0]  # temporary files completed in this process (for FAULT_ENV)
 
@@ -35,15 +40,53 @@ def _fault_point() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def os_error_text(err: OSError) -> str:
+    """``str(err)``, with the path(s) it concerns added when the message lacks them (``[Errno 2] ...: 'path'``)."""
+    text = str(err)
+    for name in (err.filename, err.filename2):
+        if name is not None and str(name) not in text:
+            text += f": {name!r}" if not text.endswith(":") else f" {name!r}"
+    return text
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name next to ``path``, owned by this process: ``.<name>.<pid>-<random>.tmp``."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with id ``pid`` exists (on this machine)."""
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill(pid, 0) would send CTRL_C_EVENT; assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists under another user, or the platform cannot tell: keep its files
+    return True
+
+
 def remove_temp(folder: Path) -> int:
-    """Delete the temporary files (:data:`TEMP_GLOB`) a killed run left directly inside ``folder``; return how many."""
+    """Delete the temporary files that dead processes left directly inside ``folder``; return how many.
+
+    Only names of the form :func:`temp_path` writes are considered, and only when the process named in them is gone.
+    """
     folder = Path(folder)
     n = 0
     for p in folder.glob(TEMP_GLOB) if folder.is_dir() else ():
-        if p.is_file() or p.is_symlink():
-            p.unlink()
+        m = TEMP_RE.match(p.name)
+        if m and not pid_alive(int(m.group(1))) and (p.is_file() or p.is_symlink()):
+            p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+def file_mode() -> int:
+    """Permission bits a new file gets under the current umask (``0o666 & ~umask``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> bool:
@@ -55,14 +98,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> bool:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_path(path)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         _fault_point()
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return True
 
@@ -98,11 +142,11 @@ def place_image(src: Path, dst: Path, mode: str = "copy") -> bool:
             ):
                 return False
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(dst)
     try:
         if mode == "copy":
             shutil.copy2(src, tmp)
+            os.chmod(tmp, file_mode())  # copy2 copied the source's permissions; the output follows the umask
         elif mode == "hardlink":
             os.link(src, tmp)
         else:
@@ -115,29 +159,49 @@ def place_image(src: Path, dst: Path, mode: str = "copy") -> bool:
     return True
 
 
-def remove_stale(folder: Path, keep: set) -> int:
-    """Delete files in ``folder`` (not recursive) whose names are not in ``keep``; return how many."""
+def remove_stale(folder: Path, keep: set, owned) -> list[Path]:
+    """Delete the files in ``folder`` (not recursive) whose names are not in ``keep`` and for which ``owned(path)`` is
+    true; return the paths removed. Files a conversion did not write (``owned`` false) are never touched."""
     folder = Path(folder)
     if not folder.is_dir():
-        return 0
-    n = 0
-    for p in folder.iterdir():
-        if p.name not in keep and (p.is_file() or p.is_symlink()):
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if p.name not in keep and (p.is_file() or p.is_symlink()) and not TEMP_RE.match(p.name) and owned(p):
             p.unlink()
-            n += 1
-    return n
+            removed.append(p)
+    return removed
+
+
+def _is_link(info: zipfile.ZipInfo) -> bool:
+    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)  # Unix mode bits (zip "made by" Unix)
 
 
 def extract_archive(archive: Path, into: Path) -> Path:
-    """Unzip ``archive`` into ``into`` (created); refuses members that would land outside it. Returns ``into``."""
+    """Unzip ``archive`` into ``into`` (created); refuses members that would land outside it and symbolic links.
+
+    Returns ``into``. Every refusal or OS error is a ``ValueError`` that names the archive and the member.
+    """
     into = Path(into)
     into.mkdir(parents=True, exist_ok=True)
     root = into.resolve()
+    hint = "unzip it yourself and pass the unpacked folder as SRC"
     with zipfile.ZipFile(archive) as z:
-        for m in z.namelist():
+        for info in z.infolist():
+            m = info.filename
             if root not in (root / m).resolve().parents and (root / m).resolve() != root:
                 raise ValueError(f"{archive}: member {m!r} would be extracted outside {root}")
-        z.extractall(into)
+            if _is_link(info):
+                raise ValueError(
+                    f"{archive}: member {m!r} is a symbolic link, which the converter does not unpack; {hint}"
+                )
+        for info in z.infolist():
+            try:
+                z.extract(info, into)
+            except OSError as err:
+                raise ValueError(
+                    f"{archive}: member {info.filename!r} cannot be unpacked ({err.strerror or err}); {hint}"
+                ) from err
     return into
 
 
@@ -191,6 +255,8 @@ def image_check(path: Path):
             tail = f.read()
     except FileNotFoundError:
         return None, "missing image"
+    except Image.DecompressionBombError as err:
+        return None, f"image too large to decode safely ({err}); shrink or tile it before converting"
     except Exception as err:  # any decoder or OS error means "unreadable" to the caller
         return None, f"unreadable image ({type(err).__name__}: {err})"
     if (fmt == "JPEG" and tail[-2:] != b"\xff\xd9") or (fmt == "PNG" and b"IEND" not in tail):

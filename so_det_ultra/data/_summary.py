@@ -29,6 +29,7 @@ class Summary:
     problems: list = field(default_factory=list)
     warnings: list = field(default_factory=list)  # "file: note" for input that converts but deserves a look
     temp_removed: int = 0  # temporary files of an interrupted earlier run, removed
+    overwritten: int = 0  # files no conversion had written, replaced by a forced run (same names)
 
     def add_object(self, cls: int, w: float, h: float) -> None:
         self.objects[cls] += 1
@@ -75,4 +76,8 @@ class Summary:
         lines.append(f"files changed: {self.files_written}; stale files removed: {self.stale_removed}")
         if self.temp_removed:
             lines.append(f"temporary files of an interrupted run removed: {self.temp_removed}")
+        if self.overwritten:
+            lines.append(
+                f"--force: existing files replaced by same-named output: {self.overwritten} (nothing else touched)"
+            )
         return "\n".join(lines)

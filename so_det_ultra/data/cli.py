@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from so_det_ultra.cliargs import HelpFormatter, kwargs_for, option
-from so_det_ultra.data._io import IMAGE_MODES  # standard library only
+from so_det_ultra.data._io import IMAGE_MODES, os_error_text  # standard library only
 
 
 def _synthetic():
@@ -87,6 +88,21 @@ def _common(p, target):
     p.add_argument(
         "--no-progress", dest="show_progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar"
     )
+    option(
+        p,
+        "--force",
+        action="store_true",
+        help="convert into a non-empty DST that holds no conversion manifest (files it does not write are kept)",
+        defaults_from=target,
+    )
+    option(
+        p,
+        "--lock-timeout",
+        type=float,
+        metavar="S",
+        help="give up after S seconds when another conversion is writing DST (default: wait)",
+        defaults_from=target,
+    )
 
 
 def _add_convert(sub):
@@ -132,7 +148,7 @@ def _add_convert(sub):
         s,
         "--min-visible",
         type=float,
-        help="keep an object cut by a tile border if at least this fraction of its area is in the tile; "
+        help="keep an object cut by a tile border if more than this fraction of its area is in the tile; "
         "otherwise its visible part becomes an ignored region of the tile",
         defaults_from=_soda,
     )
@@ -142,7 +158,11 @@ def _add_convert(sub):
 
 def run_synthetic(a) -> int:
     fn = _synthetic()
-    print(fn(**kwargs_for(fn, a)))
+    try:
+        print(fn(**kwargs_for(fn, a)))
+    except ValueError as err:
+        print(f"so-det synthetic: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -155,12 +175,17 @@ def run_soda(a) -> int:
 
 
 def _convert(fn, a) -> int:
-    """Run a conversion and print its summary; a missing source or bad option prints its message and exits 2."""
+    """Run a conversion and print its summary; a refused DST, a missing source or a bad option prints its message and
+    exits 2, another OS error (permissions, full disk) exits 1 with the path it concerns."""
     try:
         summary = fn(**kwargs_for(fn, a, verbose=False))
     except (FileNotFoundError, ValueError) as err:
-        print(f"so-det convert: error: {err}", file=sys.stderr)
+        text = os_error_text(err) if isinstance(err, OSError) else str(err)
+        print(f"so-det convert: error: {text}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"so-det convert: error: {os_error_text(err)}", file=sys.stderr)
+        return 1
     print(summary.format())
-    print(f"data YAML: {a.dst}/data.yaml")
+    print(f"data YAML: {Path(a.dst).resolve() / 'data.yaml'}")
     return 0

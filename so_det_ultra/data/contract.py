@@ -1,10 +1,10 @@
 """The data contract between the dataset converters (:mod:`so_det_ultra.data`) and the metrics
-(:mod:`so_det_ultra.metrics`).
+(:mod:`so_det_ultra.metrics`): what both sides must agree on, here and only here.
 
-Everything both sides must agree on lives here and only here: the dataset layout, the sidecar JSON schema (one writer,
-one reader), YOLO label rows (one writer, one reader), the ``so_det:`` key of a data YAML and its writer, the image
-suffixes and the object-size bins. Pure Python and numpy; it imports nothing else from this package but the atomic file
-helpers of :mod:`so_det_ultra.data._io`. The same contract in prose, with examples: docs/datasets.md.
+Owns: the dataset layout, the sidecar JSON schema (one writer, :func:`write_sidecar`; one reader,
+:func:`read_sidecar`, which returns typed records), YOLO label rows (one writer, one reader), the ``so_det:`` key of a
+data YAML and its writer, the image suffixes and the object-size bins. Pure Python and numpy; the only other import
+from this package is :mod:`so_det_ultra.data._io` (atomic file writes). The same contract in prose: docs/datasets.md.
 
 Layout of a converted dataset root::
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -100,24 +101,57 @@ def coord(v: float):
     return int(v) if float(v).is_integer() else round(float(v), 3)
 
 
+class ObjectBox(NamedTuple):
+    """One labelled object in pixel xyxy; ``truncation``/``occlusion`` as the source annotation gives them, or None."""
+
+    cls: int
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    truncation: Optional[int] = None
+    occlusion: Optional[int] = None
+
+    @property
+    def box(self) -> tuple:
+        """``(x1, y1, x2, y2)``."""
+        return self.x1, self.y1, self.x2, self.y2
+
+
+class TileOrigin(NamedTuple):
+    """Where a tile was cut from: the source image's file name and the tile's top-left corner in it (pixels)."""
+
+    source: str
+    x: float
+    y: float
+
+
+def as_object(o) -> ObjectBox:
+    """``o`` as an :class:`ObjectBox` (a plain ``(cls, x1, y1, x2, y2[, truncation, occlusion])`` tuple is accepted)."""
+    return o if isinstance(o, ObjectBox) else ObjectBox(*o)
+
+
 @dataclass
 class Annotation:
     """The objects of one image (or tile) in pixel xyxy and its ignored regions.
 
-    ``objects``: ``(cls, x1, y1, x2, y2, truncation, occlusion)`` (the last two may be None); ``ignore``:
-    ``[x1, y1, x2, y2]`` regions where detections are neither rewarded nor punished.
+    ``objects``: :class:`ObjectBox` records; ``ignore``: ``[x1, y1, x2, y2]`` regions where detections are neither
+    rewarded nor punished; ``ignored_objects``: :class:`ObjectBox` records of ground truth flagged ``ignore`` (no
+    label; COCO's ``ignore``: a detection matching one is neither rewarded nor punished; SODA-D's parent sidecars).
     """
 
     objects: list = field(default_factory=list)
     ignore: list = field(default_factory=list)
+    ignored_objects: list = field(default_factory=list)
 
 
 def yolo_rows(objects, width: int, height: int) -> str:
     """YOLO label text ``cls xc yc w h`` (normalised, 6 decimals) for pixel-xyxy ``objects``."""
     rows = []
-    for cls, x1, y1, x2, y2, *_ in objects:
-        xc, yc, bw, bh = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height
-        rows.append(f"{cls} {xc:.6f} {yc:.6f} {bw:.6f} {bh:.6f}\n")
+    for o in map(as_object, objects):
+        xc, yc = (o.x1 + o.x2) / 2 / width, (o.y1 + o.y2) / 2 / height
+        bw, bh = (o.x2 - o.x1) / width, (o.y2 - o.y1) / height
+        rows.append(f"{o.cls} {xc:.6f} {yc:.6f} {bw:.6f} {bh:.6f}\n")
     return "".join(rows)
 
 
@@ -155,22 +189,30 @@ def read_labels(path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
 # -------------------------------------------------------------------------------------------------------- sidecars
 @dataclass
 class Sidecar:
-    """A sidecar as read back: image name, size, ignored regions (K, 4) and, for tiles, where the tile came from."""
+    """A sidecar as read back: image name, size, ignored regions (K, 4), the objects (:class:`ObjectBox`, in label
+    order) and, for a tile, where it was cut from (:class:`TileOrigin`; None for a full image)."""
 
     image: str | None = None
     width: int | None = None
     height: int | None = None
     ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     objects: list = field(default_factory=list)
-    tile: dict | None = None
+    tile: TileOrigin | None = None
+    ignored_objects: list = field(default_factory=list)
+
+    def object_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The objects as pixel xyxy boxes (N, 4) float64 and classes (N,) int64."""
+        boxes = np.asarray([o.box for o in self.objects], dtype=np.float64).reshape(-1, 4)
+        return boxes, np.asarray([o.cls for o in self.objects], dtype=np.int64)
 
 
-def sidecar_dict(image: str, width: int, height: int, ann: Annotation, tile: dict | None = None) -> dict:
+def sidecar_dict(image: str, width: int, height: int, ann: Annotation, tile=None) -> dict:
     """The sidecar JSON object of one image (pixel xyxy in that image; for a tile, in the tile).
 
     Keys: ``image`` (file name), ``width``, ``height``, ``ignore`` (list of ``[x1, y1, x2, y2]``), ``objects`` (one
-    ``{cls, box, truncation, occlusion}`` per label row, in label order) and, for a tile only, ``tile``
-    (``{source, x, y}``: the source image name and the tile's top-left corner in it).
+    ``{cls, box, truncation, occlusion}`` per label row, in label order), ``ignored_objects`` (``{cls, box}`` of
+    ground truth flagged ``ignore``; only when there are some) and, for a tile only, ``tile`` (``{source, x, y}``:
+    the source image name and the tile's top-left corner in it; a :class:`TileOrigin` or a dict).
     """
     out = {
         "image": image,
@@ -178,22 +220,28 @@ def sidecar_dict(image: str, width: int, height: int, ann: Annotation, tile: dic
         "height": height,
         "ignore": [[coord(v) for v in box] for box in ann.ignore],
         "objects": [
-            {"cls": c, "box": [coord(v) for v in (x1, y1, x2, y2)], "truncation": t, "occlusion": o}
-            for c, x1, y1, x2, y2, t, o in ann.objects
+            {"cls": o.cls, "box": [coord(v) for v in o.box], "truncation": o.truncation, "occlusion": o.occlusion}
+            for o in map(as_object, ann.objects)
         ],
     }
+    if ann.ignored_objects:  # written only when there are some: other sidecars keep their bytes
+        out["ignored_objects"] = [{"cls": o.cls, "box": [coord(v) for v in o.box]} for o in ann.ignored_objects]
     if tile is not None:
-        out["tile"] = dict(tile)
+        out["tile"] = tile._asdict() if isinstance(tile, TileOrigin) else dict(tile)
     return out
 
 
-def write_sidecar(path, image: str, width: int, height: int, ann: Annotation, tile: dict | None = None) -> bool:
+def write_sidecar(path, image: str, width: int, height: int, ann: Annotation, tile=None) -> bool:
     """Write :func:`sidecar_dict` to ``path`` (compact, atomic, only when the bytes change); True if written."""
     return _io.write_json(path, sidecar_dict(image, width, height, ann, tile))
 
 
 def read_sidecar(path) -> Sidecar | None:
-    """The sidecar at ``path``, or None when there is none (an image without a sidecar has no ignored regions)."""
+    """The sidecar at ``path``, or None when there is none (an image without a sidecar has no ignored regions).
+
+    Raises:
+        ValueError: The file is not a sidecar of this schema (the message names the file and the field).
+    """
     path = Path(path)
     if not path.is_file():
         return None
@@ -204,11 +252,26 @@ def read_sidecar(path) -> Sidecar | None:
             width=int(meta["width"]) if "width" in meta else None,
             height=int(meta["height"]) if "height" in meta else None,
             ignore=np.asarray(meta.get("ignore", []), dtype=np.float64).reshape(-1, 4),
-            objects=list(meta.get("objects", [])),
-            tile=meta.get("tile"),
+            objects=[_read_object(o) for o in meta.get("objects", [])],
+            tile=_read_tile(meta["tile"]) if meta.get("tile") else None,
+            ignored_objects=[_read_object(o) for o in meta.get("ignored_objects", [])],
         )
-    except (ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path}: not a so-det sidecar ({err}); see docs/datasets.md") from err
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"{path}: not a so-det sidecar ({type(err).__name__}: {err}); see docs/datasets.md") from err
+
+
+def _read_object(o: dict) -> ObjectBox:
+    box = [float(v) for v in o["box"]]
+    if len(box) != 4:
+        raise ValueError(f"an object's 'box' must be [x1, y1, x2, y2], got {o['box']!r}")
+    return ObjectBox(int(o["cls"]), *box, o.get("truncation"), o.get("occlusion"))
+
+
+def _read_tile(t: dict) -> TileOrigin:
+    try:
+        return TileOrigin(str(t["source"]), float(t["x"]), float(t["y"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"'tile' must be {{source, x, y}}, got {t!r}") from err
 
 
 # ---------------------------------------------------------------------------------------------------- data YAML

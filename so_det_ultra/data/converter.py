@@ -8,10 +8,14 @@ source split into a :class:`SplitWriter`). The skeleton keeps the guarantees eve
 - the source is never modified: the output may not be, or lie inside, a source folder, nor hold one in the folders
   it rewrites (:func:`check_dst`); archives are unpacked into ``<dst>/.extract``, removed afterwards;
 - bad input lines are reported as ``file:line: reason`` and counted in the :class:`~._summary.Summary`;
-- reruns are safe: every output is written atomically and only when its bytes change, and files in the owned
-  folders (``images/``, ``labels/``, ``sidecars/`` of each converted split) that this run did not write are removed;
-  a run killed at any point leaves only complete files plus temporary ones, which the next run removes first, so
-  the rerun's tree is byte-identical to an uninterrupted run's (tested with ``SO_DET_FAULT_KILL_AFTER``, :mod:`._io`);
+- the user's files are never deleted or overwritten: the output folder is locked for the run, and only files listed
+  in its manifest (written by an earlier conversion of the same kind) are replaced or removed as stale; a non-empty
+  folder without a manifest is refused unless ``force`` (:mod:`.ownership`);
+- reruns are safe: every output is written atomically and only when its bytes change, and files of the converted
+  splits' ``images/``, ``labels/`` and ``sidecars/`` folders that an earlier run wrote and this run did not are
+  removed; a run killed at any point leaves only complete files plus temporary ones, which the next run removes
+  first, so the rerun's tree is byte-identical to an uninterrupted run's (tested with ``SO_DET_FAULT_KILL_AFTER``,
+  :mod:`._io`);
 - a split whose annotation file cannot be used at all (e.g. an empty or unreadable SODA-D JSON) raises
   :class:`UnusableSource` in :meth:`~Converter.convert_split`: it is reported by file, its output folders are left
   as they are, and the other splits convert;
@@ -30,6 +34,7 @@ from pathlib import Path
 
 from so_det_ultra.data import _io, contract
 from so_det_ultra.data._summary import Summary
+from so_det_ultra.data.ownership import Ownership, check_paths, dst_lock
 
 EXTRACT_DIR = ".extract"  # under the output root: archives are unpacked here for the run, then removed
 GREY = 114  # Ultralytics' letterbox padding value, used to mask ignored regions (as ESOD does)
@@ -50,15 +55,22 @@ def check_dst(src, dst) -> None:
             raise ValueError(f"source {s} lies inside the output folder {d / owned}, which the converter rewrites")
 
 
-def fill_ignored(img, ann: contract.Annotation, grey: int = GREY):
-    """Fill ``ann``'s ignored regions of ``img`` (HxWxC array, changed in place) with ``grey``; objects' pixels kept."""
+def fill_ignored(img, ann: contract.Annotation, grey: int = GREY, keep=(), truncate: bool = False):
+    """Fill ``ann``'s ignored regions of ``img`` (HxWxC array, changed in place) with ``grey``, then restore the pixels
+    of ``ann``'s objects and of the extra ``keep`` boxes (``[x1, y1, x2, y2]``).
+
+    A box covers rows ``int(y1):ceil(y2)`` and columns ``int(x1):ceil(x2)`` (every pixel it touches); with
+    ``truncate``, ``int(y1):int(y2)`` and ``int(x1):int(x2)``, as SODA-D's official split builds its mask
+    (github shaunyuan22/SODA-mmdetection, ``tools/img_split/sodad_split.py``, ``_getIgnMask``, lines 330-341).
+    """
     import numpy as np
 
+    end = int if truncate else math.ceil
     mask = np.zeros(img.shape[:2], bool)
     for x1, y1, x2, y2 in ann.ignore:
-        mask[int(y1) : math.ceil(y2), int(x1) : math.ceil(x2)] = True
-    for _, x1, y1, x2, y2, *_ in ann.objects:
-        mask[int(y1) : math.ceil(y2), int(x1) : math.ceil(x2)] = False
+        mask[int(y1) : end(y2), int(x1) : end(x2)] = True
+    for x1, y1, x2, y2 in [o.box for o in ann.objects] + [list(k) for k in keep]:
+        mask[int(y1) : end(y2), int(x1) : end(x2)] = False
     img[mask] = grey
     return img
 
@@ -99,12 +111,14 @@ class Source:
 class SplitWriter:
     """Writes one split of the output (image, label, sidecar per image or tile) and removes its stale files.
 
-    Use as a context manager: on a clean exit, files of the owned folders that were not written are removed.
+    Use as a context manager: on a clean exit, files of the split's folders that an earlier conversion wrote
+    (``owner``'s manifest) and this run did not are removed; other files are left alone.
     """
 
     dst: Path
     split: str
     summary: Summary
+    owner: Ownership
     keep: dict = field(default_factory=lambda: {d: set() for d in contract.OUTPUT_DIRS})
 
     def write(
@@ -117,7 +131,7 @@ class SplitWriter:
         image_bytes=None,
         image_src=None,
         mode: str = "copy",
-        tile: dict | None = None,
+        tile: contract.TileOrigin | None = None,
     ) -> None:
         """Write image ``name`` (``image_bytes``, or placed from ``image_src`` by ``mode``), its label and sidecar.
 
@@ -127,23 +141,27 @@ class SplitWriter:
         img = contract.split_dir(self.dst, contract.IMAGES, self.split) / name
         lbl = contract.split_dir(self.dst, contract.LABELS, self.split) / f"{stem}.txt"
         side = contract.split_dir(self.dst, contract.SIDECARS, self.split) / f"{stem}.json"
+        for path in (img, lbl, side):
+            self.owner.claim(path)
         if image_bytes is not None:
             changed = _io.atomic_write_bytes(img, image_bytes)
         else:
             changed = _io.place_image(image_src, img, mode)
         changed += _io.atomic_write_text(lbl, contract.yolo_rows(ann.objects, width, height))
         changed += contract.write_sidecar(side, name, width, height, ann, tile)
-        for c, x1, y1, x2, y2, *_ in ann.objects:
-            self.summary.add_object(c, x2 - x1, y2 - y1)
+        for o in ann.objects:
+            self.summary.add_object(o.cls, o.x2 - o.x1, o.y2 - o.y1)
         self.summary.files_written += changed
         self.summary.images[self.split] += 1
         for kind, path in ((contract.IMAGES, img), (contract.LABELS, lbl), (contract.SIDECARS, side)):
             self.keep[kind].add(path.name)
 
     def close(self) -> None:
-        """Remove files of this split's owned folders that this run did not write."""
+        """Remove files of this split's folders that an earlier conversion wrote and this run did not."""
         for kind, names in self.keep.items():
-            self.summary.stale_removed += _io.remove_stale(contract.split_dir(self.dst, kind, self.split), names)
+            for path in _io.remove_stale(contract.split_dir(self.dst, kind, self.split), names, self.owner.is_owned):
+                self.owner.drop(path)
+                self.summary.stale_removed += 1
 
     def __enter__(self):
         return self
@@ -203,13 +221,48 @@ class Converter(ABC):
         LOGGER.info(f"extracting {archive} ...")
         return _io.extract_archive(archive, extract)
 
-    def run(self, src, dst, verbose: bool = True) -> Summary:
-        """Convert ``src`` into ``dst``: sources, splits, ``data.yaml``, log. Returns the run's summary."""
+    def options(self) -> dict:
+        """The converter's settings as recorded in the manifest (plain values only)."""
+        plain = (str, int, float, bool, type(None))
+        out = {}
+        for k, v in sorted(vars(self).items()):
+            v = list(v) if isinstance(v, tuple) else v
+            if k != "show_progress" and all(isinstance(x, plain) for x in (v if isinstance(v, list) else [v])):
+                out[k] = v
+        return out
+
+    def run(self, src, dst, verbose: bool = True, force: bool = False, lock_timeout=None, guard_src: bool = True):
+        """Convert ``src`` into ``dst``: sources, splits, ``data.yaml``, log, manifest. Returns the run's summary.
+
+        ``force`` converts into a non-empty folder without a manifest (nothing but same-named files is replaced);
+        ``lock_timeout`` (seconds) gives up waiting for another run writing ``dst``; ``guard_src=False`` lets ``src``
+        contain ``dst`` or lie in it (the data YAMLs' ``download:`` step, where the official files sit in the dataset
+        folder or its parent; the folders actually read are still guarded).
+        """
+        src_arg, dst_arg = src, dst
+        if not str(dst_arg).strip():
+            check_paths(src_arg, dst_arg)
         src, dst = Path(src), Path(dst)
         if not src.exists():
             raise FileNotFoundError(self.missing.format(where=src, env=self.env))
-        summary, names = Summary(names=dict(self.names)), None
-        extract = dst / EXTRACT_DIR
+        if guard_src:
+            check_paths(src, dst)
+        summary = Summary(names=dict(self.names))
+        spare = [src, *(g for s in self.find(src) for g in s.guard), *self.archives(src)]  # sources kept in DST
+        Ownership.check(dst, self.name, force, spare)  # refuse before the lock file is created
+        with dst_lock(dst, lock_timeout):
+            summary.temp_removed = remove_temp_files(dst)
+            owner = Ownership.start(dst, self.name, self.options(), force, spare)
+            try:
+                self._convert(src, dst, owner, summary)
+                self.finish(dst, summary, verbose, owner)
+                owner.finish()
+            finally:
+                owner.close()
+        return summary
+
+    def _convert(self, src: Path, dst: Path, owner: Ownership, summary: Summary) -> None:
+        names, extract = None, dst / EXTRACT_DIR
         try:
             sources = self.locate(src, extract)
             if not sources:
@@ -217,10 +270,9 @@ class Converter(ABC):
             for source in sources:
                 for folder in source.guard:
                     check_dst(folder, dst)
-            summary.temp_removed = remove_temp_files(dst)
             for source in sources:
                 try:
-                    with SplitWriter(dst, source.split, summary) as out:
+                    with SplitWriter(dst, source.split, summary, owner) as out:
                         got = self.convert_split(source, out)
                 except UnusableSource as err:
                     summary.problem(str(source.annotations), f"{err}; split {source.split!r} skipped")
@@ -233,19 +285,28 @@ class Converter(ABC):
                 shutil.rmtree(extract)
         if names is not None:
             summary.names = names
-        self.finish(dst, summary, verbose)
-        return summary
 
-    def finish(self, dst: Path, summary: Summary, verbose: bool) -> None:
-        """Write ``data.yaml`` and the log; hand the summary to Ultralytics' ``LOGGER`` when ``verbose``."""
+    def finish(self, dst: Path, summary: Summary, verbose: bool, owner: Ownership) -> None:
+        """Write ``data.yaml`` and the log; hand the summary to Ultralytics' ``LOGGER`` when ``verbose``.
+
+        When no image was converted at all, the log is written and the run stops with the reasons (the problems).
+        """
         from ultralytics.utils import LOGGER
 
+        log = dst / f"convert-{self.name}.log"
+        summary.overwritten = owner.overwritten
+        owner.claim(log)
+        if not sum(summary.images.values()):
+            _io.atomic_write_text(log, summary.format(max_problems=len(summary.problems)) + "\n")
+            more = len(summary.problems) - 3
+            why = "; ".join(summary.problems[:3]) + (f" (and {more} more)" if more > 0 else "")
+            raise FileNotFoundError(f"nothing converted into {dst}" + (f": {why}" if why else "") + f"; see {log}")
+        owner.claim(dst / "data.yaml")
         contract.write_data_yaml(dst, summary.names, self.so_det)
         if not contract.split_dir(dst, contract.IMAGES, "val").is_dir():
             LOGGER.warning(f"no val split in {dst}; data.yaml uses train as val (convert the val split to fix)")
-        _io.atomic_write_text(
-            dst / f"convert-{self.name}.log", summary.format(max_problems=len(summary.problems)) + "\n"
-        )
+        summary.overwritten = owner.overwritten
+        _io.atomic_write_text(log, summary.format(max_problems=len(summary.problems)) + "\n")
         if verbose:
             LOGGER.info(summary.format())
 

@@ -11,8 +11,9 @@ Rules:
 - classes: the JSON's categories other than ``ignore``, sorted by category id, become 0..n-1 with their JSON names
   (the official release gives people, rider, bicycle, motor, vehicle, traffic-sign, traffic-light,
   traffic-camera, warning-cone); every split must list the same categories;
-- an annotation whose category is named ``ignore``, or that carries a true ``ignore`` or ``iscrowd`` flag, is an
-  ignored region: it goes to the sidecar's ``ignore`` list, not to the labels;
+- an annotation of the category named ``ignore`` is an ignored region: it goes to the sidecar's ``ignore`` list, not
+  to the labels. ``ignore``/``iscrowd`` flags of other annotations are read as the official tools do (``flags``,
+  :mod:`so_det_ultra.data.soda_coco`);
 - malformed annotations (missing keys, bbox not 4 finite numbers, zero or negative size, unknown image or category
   id, box entirely outside the image) are reported as ``file:annotations[k]: reason``, counted and skipped;
 - **bad files**: a split JSON that is empty (zero bytes), unreadable or not COCO is reported by file and that split
@@ -26,24 +27,29 @@ Rules:
   ``overlap`` px overlap; the grid is :mod:`so_det_ultra.data.tiling` (stride ``tile - overlap``; the last row/column
   is aligned to the image edge so tiles never leave the image; a side shorter than ``tile`` gives one tile of that
   side);
-- **tile border rule**: an object cut by a tile border is kept in that tile, clipped to it, if at least
-  ``min_visible`` (default 0.4, the official ``interAreaIgnThr``) of its area lies inside the tile; otherwise its
-  visible part becomes an ignored region of that tile's sidecar. Ignored regions are clipped into every tile they
-  touch;
-- **empty tiles**: training tiles without any kept object are not written unless ``keep_empty`` (``sodad_split.py``
-  keeps a patch in ``train`` mode only when it holds annotations); tiles of the other splits are all written, as the
-  official split does outside ``train`` mode, because the evaluation runs the detector on every tile;
+- **tile border rule**: an object cut by a tile border is kept in that tile, clipped to it, if more than
+  ``min_visible`` (default 0.4, the official ``interAreaIgnThr``) of its area lies inside the tile; at that fraction
+  or below (``sodad_split.py`` line 295: ``ignore`` when ``<= interAreaIgnThr``) its visible part, a sliver, becomes
+  an ignored region of that tile's sidecar (:func:`cut`). Ignored regions are clipped into every tile they touch;
+- **fill** (``mask_ignored``, default on, ``ignore_fill`` 0 as the official ``ignFillVal``): only the ``ignore``
+  category's regions are filled, then the pixels of every object the tile holds are restored, slivers of cut objects
+  included (``_divAnn`` line 272, ``_getIgnMask`` lines 329-341, boxes truncated to int as there);
+  ``fill_slivers=True`` fills slivers too (the earlier reading);
+- **training extent** (``limit_extent``, default on): a ``train`` image is cut only up to 5 px beyond its
+  annotations' right and bottom edges (``_divImg`` lines 176-177), at least one tile (:func:`train_extent`);
+- **which tiles**: a ``train`` tile is written when any object intersects it, kept or cut (a tile holding only a
+  sliver has no label; ``sodad_split.py`` line 209 keeps a patch with any annotation left after the ``ignore``
+  category is filled), all of them with ``keep_empty``; tiles of the other splits are all written, as the official
+  split does outside ``train`` mode, because the evaluation runs the detector on every tile. An image without any
+  annotation is not split at all (``_getIndexLst`` takes the image ids from ``imgToAnns``), unless ``keep_empty``;
 - **parent sidecar**: for a tiled split, the full image's sidecar (``sidecars/<split>/<stem>.json``, no image, no
   label) holds its objects and ignored regions in full-image pixels; each tile sidecar names it in
   ``tile.source``. The SODA-D evaluation (docs/metrics.md) maps tile detections back with the tile offset, merges
   them and scores them against these parents, as the official evaluation scores the original images.
 
-Interpretation: ``sodad_split.py`` (``SODADSplit._divAnn``) marks a cut object ``ignore`` when its visible fraction
-is ``<= interAreaIgnThr`` (0.40 in ``split_configs/split_train.json``), i.e. keeps it when the fraction is above;
-``min_visible`` keeps it at ``>= min_visible`` (an object exactly at 0.4 is kept here). The official script also
-fills ignored regions of every patch with black (``ignFillVal`` [0, 0, 0]); so do we by default (``mask_ignored=True``,
-``ignore_fill=0``), keeping the pixels of objects that overlap an ignored region (interpretation: the official fill
-covers the ignore box whole). Tiles are re-encoded (JPEG quality 95).
+Differences left (interpretations): the visible fraction divides by the object's box clipped to the image (the
+official script divides by the JSON box's full area); an image or extent smaller than a tile gives a smaller tile
+(the official script pads it to 800 x 800 with the fill value, ``_pad``). Tiles are re-encoded (JPEG quality 95).
 
 Examples:
     >>> from so_det_ultra.data.soda import convert_soda
@@ -53,14 +59,13 @@ Examples:
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 from so_det_ultra.data import _io, contract, tiling
 from so_det_ultra.data._summary import Summary
 from so_det_ultra.data.contract import Annotation
-from so_det_ultra.data.converter import Converter, Source, SplitWriter, UnusableSource, fill_ignored
+from so_det_ultra.data.converter import Converter, Source, SplitWriter, fill_ignored
+from so_det_ultra.data.soda_coco import FLAGS, load_coco
 
 NAMES = {
     0: "people",
@@ -88,85 +93,48 @@ SO_DET = so_det_key()
 ENV_SRC = "SO_DET_SODA_SRC"
 
 
-def load_coco(path: Path, summary: Summary):
-    """Parse one SODA-D/COCO JSON: ``(names, images, anns)`` with ``images = {id: (file_name, w, h)}`` and
-    ``anns = {image_id: Annotation}`` (pixel xyxy, clipped; objects' truncation/occlusion are ``None``)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise UnusableSource(f"empty annotation file ({len(text.encode())} bytes)")
-        coco = json.loads(text)
-    except UnusableSource:
-        raise
-    except (OSError, ValueError) as err:
-        raise UnusableSource(f"not a readable JSON file ({err})") from err
-    if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "categories")):
-        raise UnusableSource("not a COCO detection file (needs 'images' and 'categories' lists)")
-    cats = {c["id"]: str(c["name"]) for c in coco["categories"]}
-    ignore_ids = {i for i, n in cats.items() if n.lower() == "ignore"}
-    kept = sorted(i for i in cats if i not in ignore_ids)
-    cls_of = {cid: k for k, cid in enumerate(kept)}
-    names = {k: cats[cid] for k, cid in enumerate(kept)}
-    images = {}
-    for k, im in enumerate(coco["images"]):
-        try:
-            images[im["id"]] = (str(im["file_name"]), int(im["width"]), int(im["height"]))
-        except (KeyError, TypeError, ValueError):
-            summary.problem(f"{path}:images[{k}]", "image record without id/file_name/width/height")
-    anns = {i: Annotation() for i in images}
-    for k, a in enumerate(coco.get("annotations", [])):
-        where = f"{path}:annotations[{k}]"
-        try:
-            x, y, w, h = (float(v) for v in a["bbox"])
-            if not all(map(math.isfinite, (x, y, w, h))):
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            summary.problem(where, "bbox is not 4 finite numbers")
-            continue
-        if a.get("image_id") not in images:
-            summary.problem(where, f"unknown image_id {a.get('image_id')!r}")
-            continue
-        if a.get("category_id") not in cats:
-            summary.problem(where, f"unknown category_id {a.get('category_id')!r}")
-            continue
-        if w <= 0 or h <= 0:
-            summary.problem(where, "zero or negative box size")
-            continue
-        _, iw, ih = images[a["image_id"]]
-        box = contract.clip_box(x, y, x + w, y + h, iw, ih)
-        if box is None:
-            summary.problem(where, "box outside the image")
-            continue
-        ann = anns[a["image_id"]]
-        if a["category_id"] in ignore_ids or a.get("ignore") or a.get("iscrowd"):
-            ann.ignore.append([contract.coord(v) for v in box])
-            summary.ignore_regions += 1
-            summary.skipped["ignore annotation -> sidecar"] += 1
-        else:
-            ann.objects.append((cls_of[a["category_id"]], *box, None, None))
-            summary.clipped += box != (x, y, x + w, y + h)
-    return names, images, anns
+def cut(ann: Annotation, window, min_visible: float, summary: Summary) -> tuple[Annotation, list]:
+    """The part of ``ann`` inside ``window`` in window pixels, by the tile border rule, and the cut objects' slivers.
 
-
-def cut(ann: Annotation, window, min_visible: float, summary: Summary) -> Annotation:
-    """The part of ``ann`` inside ``window`` in window pixels, by the tile border rule."""
+    An object is kept (clipped) when more than ``min_visible`` of its area lies in the window; otherwise its visible
+    part (a sliver) is an ignored region of the tile (``sodad_split.py`` line 295: ``ignore`` when the fraction is
+    ``<= interAreaIgnThr``). Returns ``(part, slivers)``: ``part.ignore`` holds the clipped ignored regions, then the
+    slivers, which are also returned on their own (their pixels are kept when the tile is filled).
+    """
     x0, y0, x1, y1 = window
-    out = Annotation()
+    out, slivers = Annotation(), []
     for x1b, y1b, x2b, y2b in ann.ignore:
         if (b := contract.clip_box(x1b - x0, y1b - y0, x2b - x0, y2b - y0, x1 - x0, y1 - y0)) is not None:
             out.ignore.append([contract.coord(v) for v in b])
-    for c, bx1, by1, bx2, by2, t, o in ann.objects:
+    for obj in ann.objects:
+        bx1, by1, bx2, by2 = obj.box
         b = contract.clip_box(bx1 - x0, by1 - y0, bx2 - x0, by2 - y0, x1 - x0, y1 - y0)
         if b is None:
             continue
-        if (b[2] - b[0]) * (b[3] - b[1]) >= min_visible * (bx2 - bx1) * (by2 - by1) - 1e-9:
-            out.objects.append((c, *b, t, o))
+        if (b[2] - b[0]) * (b[3] - b[1]) > min_visible * (bx2 - bx1) * (by2 - by1) + 1e-9:
+            out.objects.append(obj._replace(x1=b[0], y1=b[1], x2=b[2], y2=b[3]))
             summary.clipped += b != (bx1 - x0, by1 - y0, bx2 - x0, by2 - y0)
         else:
-            out.ignore.append([contract.coord(v) for v in b])
-            summary.skipped[f"cut by a tile border, < {min_visible:g} visible -> tile ignore"] += 1
-    return out
+            slivers.append([contract.coord(v) for v in b])
+            summary.skipped[f"cut by a tile border, <= {min_visible:g} visible -> tile ignore"] += 1
+    out.ignore += slivers
+    return out, slivers
+
+
+def parent_annotation(ann: Annotation, flagged) -> Annotation:
+    """A full image's ground truth for its parent sidecar: its objects flagged ``ignore`` (indices ``flagged``) move
+    to ``ignored_objects``, which the evaluation scores as COCO's ignored ground truth (``sodadeval.py`` line 115)."""
+    if not flagged:
+        return ann
+    objects = [o for k, o in enumerate(ann.objects) if k not in flagged]
+    return Annotation(objects, ann.ignore, [ann.objects[k] for k in sorted(flagged)])
+
+
+def train_extent(width: int, height: int, extent: tuple, tile: int) -> tuple[int, int]:
+    """The part of a training image that is cut into tiles: up to 5 px beyond its annotations' ``(xmax, ymax)``
+    (``sodad_split.py`` lines 176-177), at least one tile (the official script pads a smaller extent to the patch
+    size, lines 180-182, with the image's own pixels while the image is large enough), at most the image."""
+    return min(width, max(extent[0] + 5, tile)), min(height, max(extent[1] + 5, tile))
 
 
 def find_source(src: Path):
@@ -208,11 +176,17 @@ class SodaD(Converter):
         images: str,
         show_progress: bool,
         ignore_fill: int = 0,
+        fill_slivers: bool = False,
+        limit_extent: bool = True,
+        flags: str = "official",
     ):
         super().__init__(images, mask_ignored, show_progress)
-        self.ignore_fill = ignore_fill
-        if not 0 < min_visible <= 1:
-            raise ValueError(f"min_visible must be in (0, 1], got {min_visible}")
+        self.ignore_fill, self.fill_slivers = ignore_fill, fill_slivers
+        self.limit_extent, self.flags = limit_extent, flags
+        if not 0 <= min_visible < 1:
+            raise ValueError(f"min_visible must be in [0, 1) (official interAreaIgnThr), got {min_visible}")
+        if flags not in FLAGS:
+            raise ValueError(f"flags must be one of {FLAGS}, got {flags!r}")
         tiling.tile_starts(tile, tile, overlap)  # checks tile and overlap before any file is written
         self.splits, self.tile_splits = tuple(splits), tuple(tile_splits)
         self.tile, self.overlap, self.min_visible, self.keep_empty = tile, overlap, min_visible, keep_empty
@@ -262,7 +236,7 @@ class SodaD(Converter):
     def convert_split(self, source: Source, out: SplitWriter) -> dict:
         """One COCO JSON into ``out``: full images, or tiles for ``tile_splits``. Returns the JSON's class names."""
         summary, split = out.summary, source.split
-        names, recs, anns = load_coco(source.annotations, summary)
+        names, recs, anns, extents, flagged = load_coco(source.annotations, summary, self.flags)
         mode = self.image_mode(source)
         for image_id, (file_name, w, h) in _io.progress(recs.items(), f"SODA-D {split}", len(recs), self.show_progress):
             src = source.images / file_name
@@ -280,9 +254,11 @@ class SodaD(Converter):
                     out.write(name, w, h, ann, image_bytes=data)
                 else:
                     out.write(name, w, h, ann, image_src=src, mode=mode)
+            elif image_id in extents or self.keep_empty:  # sodad_split.py splits only images with annotations
+                self._write_tiles(src, name, w, h, ann, out, extents.get(image_id))
+                self._write_parent(name, w, h, parent_annotation(ann, flagged.get(image_id, ())), out)
             else:
-                self._write_tiles(src, name, w, h, ann, out)
-                self._write_parent(name, w, h, ann, out)
+                summary.skipped["image without annotations: no tiles (as the official split)"] += 1
         return names
 
     def _write_parent(self, name: str, w: int, h: int, ann: Annotation, out: SplitWriter) -> None:
@@ -291,22 +267,36 @@ class SodaD(Converter):
         out.summary.files_written += contract.write_sidecar(path, name, w, h, ann)
         out.keep[contract.SIDECARS].add(path.name)
 
-    def _write_tiles(self, src: Path, name: str, w: int, h: int, ann: Annotation, out: SplitWriter) -> None:
-        """The tiles of one image by the tile border rule: in ``train``, those holding a kept object (all of them with
-        ``keep_empty``); in the other splits, all of them (the evaluation runs on every tile)."""
+    def _fill(self, crop, part: Annotation, slivers: list):
+        """Fill a tile's ignored regions: only the ``ignore`` category's, then every object's pixels restored, cut
+        objects' slivers included (``sodad_split.py`` lines 272 and 329-341, int-truncated boxes); with
+        ``fill_slivers``, slivers are filled too and boxes cover every touched pixel (the earlier reading)."""
+        if self.fill_slivers:
+            return fill_ignored(crop, part, self.ignore_fill)
+        regions = Annotation(objects=part.objects, ignore=part.ignore[: len(part.ignore) - len(slivers)])
+        return fill_ignored(crop, regions, self.ignore_fill, keep=slivers, truncate=True)
+
+    def _write_tiles(self, src: Path, name: str, w: int, h: int, ann: Annotation, out: SplitWriter, extent) -> None:
+        """The tiles of one image by the tile border rule, as ``sodad_split.py`` (``_divImg``) keeps them: in
+        ``train``, those any object intersects, kept or cut (line 209; also an ignored region's without
+        ``mask_ignored``), over :func:`train_extent` (``limit_extent``); all of them with ``keep_empty`` and in the
+        other splits (the evaluation runs on every tile)."""
         stem, suffix = Path(name).stem, Path(name).suffix.lower()
-        keep_empty = self.keep_empty or out.split != "train"
+        train = out.split == "train"
+        keep_empty = self.keep_empty or not train
+        if train and self.limit_extent and extent is not None:
+            w, h = train_extent(w, h, extent, self.tile)
         img = None
         for win in tiling.tile_windows(h, w, self.tile, self.overlap):
-            part = cut(ann, win, self.min_visible, out.summary)
-            if not part.objects and not keep_empty:
+            part, slivers = cut(ann, win, self.min_visible, out.summary)
+            if not (keep_empty or part.objects or slivers or (part.ignore and not self.mask_ignored)):
                 continue
             if img is None:
                 img = _io.read_image(src)
             crop = tiling.crop(img, win).copy()
             if self.mask_ignored and part.ignore:
-                crop = fill_ignored(crop, part, self.ignore_fill)
-            tile = {"source": name, "x": win[0], "y": win[1]}
+                crop = self._fill(crop, part, slivers)
+            tile = contract.TileOrigin(name, win[0], win[1])
             tname = f"{stem}__{win[0]}_{win[1]}{suffix}"
             out.write(tname, win[2] - win[0], win[3] - win[1], part, image_bytes=_io.encode(crop, suffix), tile=tile)
 
@@ -325,6 +315,12 @@ def convert_soda(
     images: str = "copy",
     show_progress: bool = True,
     verbose: bool = True,
+    force: bool = False,
+    lock_timeout: float | None = None,
+    guard_src: bool = True,
+    fill_slivers: bool = False,
+    limit_extent: bool = True,
+    flags: str = "official",
 ) -> Summary:
     """Convert SODA-D at ``src`` (folders or archives) into ``dst``; ``tile_splits`` are cut into tiles.
 
@@ -336,21 +332,46 @@ def convert_soda(
             protocol trains and evaluates on tiles); others keep full images.
         tile: tile side in pixels (the SODA-D protocol's 800).
         overlap: tile overlap in pixels (the SODA-D protocol's 150).
-        min_visible: tile border rule threshold (fraction of an object's area inside the tile; official 0.4).
-        keep_empty: also write training tiles without objects (tiles of other splits are always all written).
+        min_visible: tile border rule threshold: an object at most this fraction of whose area lies inside the tile
+            is ignored there (official ``interAreaIgnThr`` 0.4, ``<=``).
+        keep_empty: also write training tiles without objects (tiles of other splits are always all written), and
+            tiles of images without annotations (the official split skips those images).
         mask_ignored: fill ignored regions in written images (on by default, as the official split does).
         ignore_fill: the fill value (official ``ignFillVal``: 0, black).
         images: ``copy``/``hardlink``/``symlink`` for full images that are not re-encoded.
         show_progress: progress bar per split.
         verbose: log the end summary with Ultralytics' ``LOGGER``.
+        force: convert into a non-empty ``dst`` without a conversion manifest (see :mod:`~so_det_ultra.data.ownership`).
+        lock_timeout: seconds to wait for another conversion writing ``dst`` (None: wait until it ends).
+        guard_src: refuse a ``dst`` equal to, inside or holding ``src`` (False for the data YAML's ``download:`` step,
+            where the release may sit in the dataset folder or its parent; the folders read are always guarded).
+        fill_slivers: also fill the slivers of cut objects (the earlier reading; officially their pixels are kept).
+        limit_extent: cut training images only up to 5 px beyond their annotations, as the official split does
+            (False: the whole image).
+        flags: ``official``: only the ``ignore`` category is an ignored region; an object annotation flagged
+            ``ignore`` is a label in training tiles (the split tool recomputes the flag) and ignored ground truth in
+            evaluation (``SODADeval`` reads ``gt['ignore']``); ``iscrowd`` is not read. ``region``: an annotation
+            flagged ``ignore`` or ``iscrowd`` is an ignored region (the earlier reading).
 
     Returns:
         The run's :class:`~so_det_ultra.data._summary.Summary` (also written to ``dst/convert-soda-d.log``).
     """
     converter = SodaD(
-        splits, tile_splits, tile, overlap, min_visible, keep_empty, mask_ignored, images, show_progress, ignore_fill
+        splits,
+        tile_splits,
+        tile,
+        overlap,
+        min_visible,
+        keep_empty,
+        mask_ignored,
+        images,
+        show_progress,
+        ignore_fill,
+        fill_slivers,
+        limit_extent,
+        flags,
     )
-    return converter.run(src, dst, verbose)
+    return converter.run(src, dst, verbose, force, lock_timeout, guard_src)
 
 
 def prepare_from_yaml(data: dict) -> None:
@@ -361,4 +382,4 @@ def prepare_from_yaml(data: dict) -> None:
     """
     key = data.get(contract.SO_DET_KEY) or {}
     geometry = {k: int(key[k]) for k in ("tile", "overlap") if k in key}
-    convert_soda(SodaD.local_source(data), Path(data["path"]), **geometry)
+    convert_soda(SodaD.local_source(data), Path(data["path"]), **geometry, guard_src=False)

@@ -12,6 +12,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
@@ -81,6 +82,26 @@ def make_image(rng, imgsz, nc, objects, size_range):
     return img, labels
 
 
+def check_options(n_train, n_val, imgsz, nc, objects, size_range) -> None:
+    """Raise ValueError naming the option (as ``so-det synthetic`` spells it) that :func:`make_dataset` cannot use."""
+    if not 1 <= nc <= len(SHAPES):
+        raise ValueError(f"--nc (classes) must be 1..{len(SHAPES)} (one distinct shape and colour per class), got {nc}")
+    for flag, n in (("--train", n_train), ("--val", n_val)):
+        if n < 0:
+            raise ValueError(f"{flag} (images) must be 0 or more, got {n}")
+    if imgsz < 8:
+        raise ValueError(f"--imgsz (image side, px) must be at least 8, got {imgsz}")
+    lo, hi = objects
+    if not 0 <= lo <= hi:
+        raise ValueError(f"--objects MIN MAX (objects per image) needs 0 <= MIN <= MAX, got {lo} {hi}")
+    smin, smax = size_range
+    if not (math.isfinite(smin) and math.isfinite(smax) and 0 < smin <= smax <= imgsz - 4):
+        raise ValueError(
+            f"--sizes MIN MAX (object side, px) needs finite 0 < MIN <= MAX <= imgsz - 4 = {imgsz - 4}, "
+            f"got {smin} {smax}"
+        )
+
+
 def make_dataset(
     root,
     n_train: int = 32,
@@ -95,8 +116,7 @@ def make_dataset(
 
     Deterministic for a given seed and arguments. ``size_range`` is the object side in pixels (2-32 is typical).
     """
-    if not 1 <= nc <= len(SHAPES):
-        raise ValueError(f"nc must be 1..{len(SHAPES)} (one distinct shape and colour per class), got {nc}")
+    check_options(n_train, n_val, imgsz, nc, objects, size_range)
     root = Path(root)
     rng = np.random.default_rng(seed)
     for split, count in (("train", n_train), ("val", n_val)):

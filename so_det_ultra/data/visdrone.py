@@ -29,9 +29,10 @@ Rules (each also counted in the end summary):
 
 Interpretation: the official toolkit ignores detections *inside* ignored regions at evaluation time; it does not
 say what training should do with them. By default the pixels are left as they are (the region is only recorded);
-``mask_ignored=True`` fills each ignored region with grey 114 in the converted copy of the image, as ESOD does
-(github.com/alibaba/esod),
-while pixels of labelled objects overlapping the region are kept. Masked JPEGs are re-encoded at quality 95.
+``mask_ignored=True`` paints them in the converted copy of the image. ``mask_style="grey"`` (the default) fills
+category 0 with grey 114 and keeps the pixels of labelled objects overlapping it; ``mask_style="esod"`` (ESOD's
+recipe) paints the boxes of categories 0 *and* 11 with 85, in file order, over whatever lies beneath, as ESOD's
+``scripts/data_prepare.py`` (github alibaba/esod, lines 229-235). Masked JPEGs are re-encoded at quality 95.
 
 Examples:
     >>> from so_det_ultra.data.visdrone import convert_visdrone
@@ -62,6 +63,8 @@ NAMES = {
     9: "motor",
 }
 SPLITS = {"VisDrone2019-DET-train": "train", "VisDrone2019-DET-val": "val", "VisDrone2019-DET-test-dev": "test"}
+MASK_STYLES = ("esod", "grey")
+ESOD_FILL = 85  # scripts/data_prepare.py: image[y1:y1 + h, x1:x1 + w, :] = 85 for categories 0 and 11
 SO_DET = contract.so_det_key("visdrone", max_det=500)  # the toolkit's maxDets (utils/calcAccuracy.m)
 ENV_SRC = "SO_DET_VISDRONE_SRC"
 
@@ -129,14 +132,33 @@ def parse_annotation(lines, width: int, height: int, name: str, summary: Summary
         elif score == 0:
             summary.skipped["score 0"] += 1
         else:
-            out.objects.append((cat - 1, *box, trunc, occ))
+            out.objects.append(contract.ObjectBox(cat - 1, *box, trunc, occ))
             summary.clipped += clipped
     return out
 
 
-def masked_image(path: Path, ann: Annotation) -> bytes:
-    """Encoded copy of the image at ``path`` with ignored regions filled grey (see :func:`.converter.fill_ignored`)."""
-    return _io.encode(fill_ignored(_io.read_image(path), ann), path.suffix)
+def masked_image(path: Path, ann: Annotation, lines=(), style: str = "grey") -> bytes | None:
+    """Encoded copy of the image at ``path`` with ignored regions painted (module docstring), None if none is.
+
+    ``esod``: the category-0 and -11 boxes of the annotation ``lines`` filled with 85 (official ``data_prepare.py``);
+    ``grey``: ``ann``'s ignored regions filled grey, objects kept (:func:`.converter.fill_ignored`).
+    """
+    if style == "grey":
+        return _io.encode(fill_ignored(_io.read_image(path), ann), path.suffix) if ann.ignore else None
+    boxes = []
+    for line in lines:
+        try:
+            row = parse_line(line)
+        except ValueError:
+            continue  # reported by parse_annotation
+        if row is not None and row[5] in (0, 11):
+            boxes.append([max(int(v), 0) for v in row[:4]])
+    if not boxes:
+        return None
+    img = _io.read_image(path)
+    for x, y, w, h in boxes:
+        img[y : y + h, x : x + w] = ESOD_FILL
+    return _io.encode(img, path.suffix)
 
 
 def find_splits(src: Path, split: str | None = None):
@@ -169,9 +191,14 @@ class VisDrone(Converter):
     env = ENV_SRC
     missing = MISSING
 
-    def __init__(self, split: str | None, mask_ignored: bool, images: str, show_progress: bool):
+    def __init__(
+        self, split: str | None, mask_ignored: bool, images: str, show_progress: bool, mask_style: str = "grey"
+    ):
         super().__init__(images, mask_ignored, show_progress)
+        if mask_style not in MASK_STYLES:
+            raise ValueError(f"mask_style must be one of {MASK_STYLES}, got {mask_style!r}")
         self.split = split
+        self.mask_style = mask_style
 
     @classmethod
     def find(cls, src: Path, split: str | None = None, extracted: bool = False) -> list[Source]:
@@ -233,8 +260,9 @@ class VisDrone(Converter):
                 summary.problem(str(ann_file), "missing annotation file (image written without objects)")
                 lines = []
             ann = parse_annotation(lines, w, h, str(ann_file), summary)
-            if self.mask_ignored and ann.ignore:
-                out.write(img.name, w, h, ann, image_bytes=masked_image(img, ann))
+            masked = masked_image(img, ann, lines, self.mask_style) if self.mask_ignored else None
+            if masked is not None:
+                out.write(img.name, w, h, ann, image_bytes=masked)
             else:
                 out.write(img.name, w, h, ann, image_src=img, mode=self.image_mode(source))
 
@@ -247,6 +275,9 @@ def convert_visdrone(
     images: str = "copy",
     show_progress: bool = True,
     verbose: bool = True,
+    force: bool = False,
+    lock_timeout: float | None = None,
+    mask_style: str = "grey",
 ) -> Summary:
     """Convert VisDrone2019-DET at ``src`` (folders, a split folder, or the official .zip archives) into ``dst``.
 
@@ -255,15 +286,20 @@ def convert_visdrone(
         dst: output root (created): ``images/``, ``labels/``, ``sidecars/``, ``data.yaml``, ``convert-visdrone.log``.
         split: convert only this split (``train``/``val``/``test``); for a single split folder, its name in ``dst``
             (default: from the folder name, else ``train``).
-        mask_ignored: fill ignored regions with grey in the converted images (off by default).
+        mask_ignored: paint ignored regions in the converted images (off by default).
         images: ``copy`` (default), ``hardlink`` or ``symlink`` the unmasked images.
         show_progress: progress bar per split.
         verbose: log the end summary with Ultralytics' ``LOGGER``.
+        force: convert into a non-empty ``dst`` without a conversion manifest (see :mod:`~so_det_ultra.data.ownership`).
+        lock_timeout: seconds to wait for another conversion writing ``dst`` (None: wait until it ends).
+        mask_style: with ``mask_ignored``, ``grey`` (category 0 filled 114, objects kept) or ``esod`` (categories 0
+            and 11 painted 85, ESOD's official preparation).
 
     Returns:
         The run's :class:`~so_det_ultra.data._summary.Summary` (also written to ``dst/convert-visdrone.log``).
     """
-    return VisDrone(split, mask_ignored, images, show_progress).run(src, dst, verbose)
+    converter = VisDrone(split, mask_ignored, images, show_progress, mask_style)
+    return converter.run(src, dst, verbose, force, lock_timeout)
 
 
 def prepare_from_yaml(data: dict) -> None:
@@ -272,4 +308,4 @@ def prepare_from_yaml(data: dict) -> None:
     Looks, in order, in ``$SO_DET_VISDRONE_SRC``, in ``path`` itself and in its parent folder (Ultralytics'
     ``datasets_dir`` for the default relative ``path``) for the official folders or archives. Never downloads.
     """
-    convert_visdrone(VisDrone.local_source(data), Path(data["path"]))
+    VisDrone(None, False, "copy", True).run(VisDrone.local_source(data), Path(data["path"]), guard_src=False)

@@ -132,9 +132,9 @@ def _parity(best: Path, onnx_file: Path, image: Path, imgsz: int) -> float:
 def run_demo(
     out=None,
     exist_ok: bool = False,
-    epochs: int = 12,
+    epochs: int = 15,
     imgsz: int = 160,
-    images: int = 96,
+    images: int = 128,
     batch: int = 8,
     device: str = "cpu",
     seed: int = 0,
@@ -177,65 +177,61 @@ def run_demo(
     return result
 
 
-def _run(out, tmp, epochs, imgsz, images, batch, device, seed, onnx_tol) -> dict:
-    import importlib.util
+def _train(data: Path, out: Path, epochs, imgsz, batch, device, seed) -> Path:
+    from ultralytics import YOLO
 
+    model = YOLO("so-det-n.yaml")
+    model.train(
+        data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, workers=0, device=device, project=str(out),
+        name="train", exist_ok=True, plots=True, seed=seed, optimizer="AdamW", lr0=0.005, warmup_epochs=1,
+        mosaic=0.0, close_mosaic=0, patience=0,
+    )  # fmt: skip
+    return Path(model.trainer.save_dir)
+
+
+def _predict(best: Path, val_images: list, out: Path, imgsz: int, conf: float, device: str) -> dict:
+    """Predict every validation image at ``conf`` (class-agnostic NMS: one box per object), draw the first 4, and
+    return recall by size."""
     import cv2
     from ultralytics import YOLO
 
-    paths = {}
+    from so_det_ultra.demo.recall import recall_by_size
+
+    labels = out / "data" / "labels" / "val"
+    (out / "predictions").mkdir(exist_ok=True)
+    model = YOLO(str(best))
+    results = model.predict(
+        [str(f) for f in val_images], imgsz=imgsz, conf=conf, agnostic_nms=True, device=device, verbose=False
+    )
+    for r in results[:4]:
+        f = Path(r.path)
+        cv2.imwrite(str(out / "predictions" / f"{f.stem}.png"), _draw(r, labels / f"{f.stem}.txt"))
+    return recall_by_size(results, labels)
+
+
+def _run(out, tmp, epochs, imgsz, images, batch, device, seed, onnx_tol) -> dict:
+    import importlib.util
+
+    from ultralytics import YOLO
+
+    from so_det_ultra.demo.recall import describe, f1_threshold
+
     _stage(
         1, "data", f"{images} training images of {imgsz} px, objects of 6-{min(24, imgsz // 4)} px -> {out / 'data'}"
     )
     data, val_images = _write_data(out / "data", images, imgsz, seed)
-    paths["data YAML"] = data
-
     _stage(2, "train", f"so-det-n, epochs={epochs}, stock Ultralytics trainer -> {out / 'train'}")
     _offline_font(tmp)
-    model = YOLO("so-det-n.yaml")
-    model.train(
-        data=str(data),
-        epochs=epochs,
-        imgsz=imgsz,
-        batch=batch,
-        workers=0,
-        device=device,
-        project=str(out),
-        name="train",
-        exist_ok=True,
-        plots=True,
-        seed=seed,
-        optimizer="AdamW",
-        lr0=0.005,
-        warmup_epochs=1,
-        mosaic=0.0,
-        close_mosaic=0,
-        patience=0,
-    )
-    train_dir = Path(model.trainer.save_dir)
+    train_dir = _train(data, out, epochs, imgsz, batch, device, seed)
     best = train_dir / "weights" / "best.pt"
-    paths.update({"weights": best, "training curves": train_dir / "results.png"})
-
     _stage(3, "validate", f"AP by object size (SODA-D bins) -> {out / 'val'}")
-    metrics = YOLO(str(best)).val(
-        data=str(data), imgsz=imgsz, batch=batch, device=device, project=str(out), name="val", exist_ok=True, plots=True
-    )
-    val_dir = Path(metrics.save_dir)
+    val = dict(imgsz=imgsz, batch=batch, device=device, project=str(out), name="val", exist_ok=True, plots=True)
+    metrics = YOLO(str(best)).val(data=str(data), **val)
+    conf, f1 = f1_threshold(metrics.box)
     so_det = {k: v for k, v in getattr(metrics, "so_det", {}).items() if k.startswith("AP")}
-    paths.update({"AP by size chart": val_dir / "so_det_ap.png", "metrics JSON": val_dir / "so_det_metrics.json"})
-
-    shown = val_images[:4]
-    _stage(4, "predict", f"{len(shown)} validation images -> {out / 'predictions'}")
-    pred_dir = out / "predictions"
-    pred_dir.mkdir(exist_ok=True)
-    found = 0
-    for r in YOLO(str(best)).predict([str(f) for f in shown], imgsz=imgsz, conf=0.2, device=device, verbose=False):
-        f = Path(r.path)
-        found += len(r.boxes)
-        cv2.imwrite(str(pred_dir / f"{f.stem}.png"), _draw(r, out / "data" / "labels" / "val" / f"{f.stem}.txt"))
-    paths["predictions (truth | predicted)"] = pred_dir
-    print(f"      {found} objects found in {len(shown)} images (score >= 0.2)", flush=True)
-
+    _stage(4, "predict", f"{len(val_images)} validation images at score >= {conf:.3f} (F1 {f1:.3f}) -> predictions/")
+    recall = _predict(best, val_images, out, imgsz, conf, device)
+    print(f"      {describe(recall)}", flush=True)
     _stage(5, "export", "ONNX, then ONNX Runtime vs PyTorch on a validation image")
     simplify = importlib.util.find_spec("onnxslim") is not None  # else Ultralytics would try to pip-install it
     onnx_file = Path(YOLO(str(best)).export(format="onnx", imgsz=imgsz, simplify=simplify, device="cpu"))
@@ -244,14 +240,25 @@ def _run(out, tmp, epochs, imgsz, images, batch, device, seed, onnx_tol) -> dict
     print(f"      max |ONNX - PyTorch| = {diff:.2e} (tolerance {onnx_tol:g}): {'OK' if ok else 'MISMATCH'}", flush=True)
     if not ok:
         raise DemoError(f"ONNX output differs from PyTorch by {diff:.3g} > {onnx_tol:g} ({onnx_file})")
-    paths["ONNX model"] = onnx_file
-    return {"paths": paths, "mAP50": float(metrics.box.map50), "so_det": so_det, "onnx_max_abs_diff": diff}
+    val_dir = Path(metrics.save_dir)
+    paths = {
+        "data YAML": data, "weights": best, "training curves": train_dir / "results.png",
+        "AP by size chart": val_dir / "so_det_ap.png", "metrics JSON": val_dir / "so_det_metrics.json",
+        "predictions (truth | predicted)": out / "predictions", "ONNX model": onnx_file,
+    }  # fmt: skip
+    m = {"mAP50": float(metrics.box.map50), "so_det": so_det, "conf": conf, "recall": recall}
+    return {"paths": paths, **m, "onnx_max_abs_diff": diff}
 
 
 def _summary(result: dict):
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     aps = "  ".join(f"{k} {fmt(v)}" for k, v in result["so_det"].items())
+    from so_det_ultra.demo.recall import describe
+
     _stage(6, "done", f"{result['seconds']:.0f} s; mAP50 {result['mAP50']:.3f}; {aps}")
+    print(
+        f"      at score >= {result['conf']:.3f} (F1-optimal on validation): {describe(result['recall'])}", flush=True
+    )
     width = max(len(k) for k in result["paths"])
     for label, path in result["paths"].items():
         print(f"      {label:<{width}}  {path}{'' if Path(path).exists() else '  (missing)'}", flush=True)

@@ -6,11 +6,10 @@
 
 Both predictors return one Ultralytics ``Results`` per image. See docs/highres.md.
 
-Owns: high-resolution inference, and ESOD's patch-training forward (:mod:`.train`, reached through the
-integration's recorded ``DetectionModel.loss`` seam; no losses here); ``so-det predict`` (:mod:`.cli`), a dense baseline
-(:mod:`.dense`). May import: torch, Ultralytics, OpenCV, :mod:`so_det_ultra.nn` (the ObjectSeeker) and
-:mod:`so_det_ultra.data` (the tile grid, image suffixes). The names below load on first use, so importing
-:mod:`.cli` costs no torch.
+Owns: high-resolution inference (ESOD's patch training is in :mod:`so_det_ultra.training`); ``so-det predict``
+(:mod:`.cli`), a dense baseline (:mod:`.dense`). May import: torch, Ultralytics, OpenCV, :mod:`so_det_ultra.nn`
+(the ObjectSeeker) and :mod:`so_det_ultra.data` (the tile grid, image suffixes). The names below load on first use,
+so importing :mod:`.cli` costs no torch.
 """
 
 

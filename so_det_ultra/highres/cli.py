@@ -1,8 +1,10 @@
 """``so-det predict --model M --source S [--mode sparse|sliced|dense]``: high-resolution prediction (docs/highres.md).
 
-Writes annotated images (and, with ``--save-txt``, YOLO label files with confidences) to ``--save-dir`` and prints
-one line per image. ``yolo predict`` stays the stock dense predictor; this command adds the ESOD sparse and sliced
-modes with their thresholds as options.
+Reads image files, folders, globs, ``.txt`` lists, video files and streams (:mod:`.sources`); writes annotated
+images and videos, and optionally YOLO label files (``--save-txt``), ``predictions.json`` (``--save-json``) and MOT
+track files (``--track``) to ``--save-dir`` (:mod:`.outputs`). ``--shard K/N``, ``--resume`` and
+``so-det merge-predictions`` split a job over machines and survive kills (:mod:`.jobs`). ``yolo predict`` stays the
+stock dense predictor; this command adds the ESOD sparse and sliced modes with their thresholds as options.
 """
 
 from __future__ import annotations
@@ -36,18 +38,29 @@ MODES = {"sparse": _sparse, "sliced": _sliced, "dense": _dense}  # --mode -> the
 
 
 def add_parser(sub) -> None:
-    """Add ``predict`` to the ``so-det`` sub-parsers ``sub``."""
+    """Add ``predict`` and ``merge-predictions`` to the ``so-det`` sub-parsers ``sub``."""
     p = sub.add_parser(
         "predict",
-        help="sparse (ESOD), sliced or dense prediction on high-resolution images",
-        description="Predicts on images or folders and saves annotated copies. sparse: the model's "
+        help="sparse (ESOD), sliced or dense prediction on high-resolution images and videos",
+        description="Predicts on images, videos and streams and saves annotated copies. sparse: the model's "
         "ObjectSeeker picks patches (so-det-esod-*.yaml models); sliced: tiles with overlap "
         "plus a full-frame pass, merged (any detection model); dense: stock YOLO.predict. "
         "Defaults are those of sparse_predict, sliced_predict and dense_predict.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="checkpoint (.pt) or model YAML")
-    p.add_argument("--source", required=True, nargs="+", help="image files or folders")
+    p.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load a .pt checkpoint with full pickle instead of Ultralytics' safe (weights-only) loader: it can run "
+        "code stored in the file, so only for files you trust",
+    )
+    p.add_argument(
+        "--source",
+        required=True,
+        nargs="+",
+        help="image or video files, folders, globs, .txt/.csv lists, streams (rtsp://..., camera index 0)",
+    )
     p.add_argument("--mode", choices=tuple(MODES), default="sparse", help="predictor (default sparse)")
     option(
         p,
@@ -59,7 +72,9 @@ def add_parser(sub) -> None:
     option(p, "--conf", type=float, help="confidence threshold", defaults_from=MODES)
     option(p, "--iou", type=float, help="NMS IoU", defaults_from=MODES)
     option(p, "--max-det", type=int, help="detections kept per image", defaults_from=MODES)
-    option(p, "--device", help="torch device", defaults_from=MODES)
+    p.add_argument(
+        "--device", default=argparse.SUPPRESS, help="torch device (default: cuda:0 when available, else cpu)"
+    )
     g = p.add_argument_group("sparse")
     option(g, "--thr", type=float, help="heatmap threshold for patch centres", defaults_from=_sparse)
     g.add_argument(
@@ -89,45 +104,131 @@ def add_parser(sub) -> None:
     )
     option(g, "--merge", choices=("nms", "nmm"), help="how tiles are merged", defaults_from=_sliced)
     option(g, "--merge-iou", type=float, help="overlap above which tiles' boxes merge", defaults_from=_sliced)
+    _add_output_options(p)
+    p.set_defaults(func=run)
+    add_merge_parser(sub)
+
+
+def _add_output_options(p) -> None:
+    """The output, video and job options of ``so-det predict``."""
     g = p.add_argument_group("output")
     g.add_argument("--save-dir", default="runs/so-det-predict", help="output folder (default runs/so-det-predict)")
     g.add_argument("--save-txt", action="store_true", help="also write labels/<image>.txt (class xywhn conf)")
-    p.set_defaults(func=run)
+    g.add_argument(
+        "--save-json",
+        action="store_true",
+        help="also write predictions.json (COCO results: image_id = file stem, or <video stem>_<frame:06d>; "
+        "category_id = class + 1), scored by so-det eval",
+    )
+    g.add_argument("--no-save", dest="save", action="store_false", help="write no annotated images or videos")
+    g.add_argument(
+        "--max-pixels",
+        type=float,
+        default=4e6,
+        help="dense mode: warn when the network input exceeds this many pixels (default 4e6; 0: never)",
+    )
+    g = p.add_argument_group("video")
+    g.add_argument("--vid-stride", type=int, default=1, help="read every N-th video frame (default 1)")
+    g.add_argument("--track", action="store_true", help="track boxes across video frames; writes tracks/<video>.txt")
+    g.add_argument(
+        "--tracker",
+        default="bytetrack.yaml",
+        help="Ultralytics tracker YAML: bytetrack.yaml or botsort.yaml, or a copy (default bytetrack.yaml)",
+    )
+    g = p.add_argument_group("jobs")
+    g.add_argument("--shard", metavar="K/N", help="predict only the K-th of N parts of the sorted inputs (1 <= K <= N)")
+    g.add_argument("--resume", action="store_true", help="skip inputs whose results --save-dir already holds")
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a --save-dir holding another job's results or files not written by so-det predict "
+        "(never over a source file)",
+    )
 
 
-def predict(a) -> list:
-    """Run the ``--mode`` predictor with the options given (the others keep the predictor's defaults)."""
-    fn = MODES[a.mode]()
-    return fn(**kwargs_for(fn, a))
+def add_merge_parser(sub) -> None:
+    """Add ``merge-predictions`` to the ``so-det`` sub-parsers ``sub``."""
+    p = sub.add_parser(
+        "merge-predictions",
+        help="join the predictions of so-det predict --shard runs into one predictions.json",
+        description="Joins the per-input results of the save folders of 'so-det predict --shard K/N' runs, in the "
+        "order of one unsharded run, into OUT (a predictions.json). Refuses an existing OUT, folders predicted "
+        "with other settings, overlapping folders, and (without --force) missing shards or unfinished inputs.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("out", metavar="OUT", help="predictions.json to write")
+    p.add_argument("shard_dirs", metavar="SHARD_DIR", nargs="+", help="--save-dir of each shard")
+    p.add_argument("--force", action="store_true", help="overwrite OUT; merge despite missing shards or inputs")
+    p.set_defaults(func=run_merge)
 
 
 def run(a) -> int:
     try:
-        results = predict(a)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"so-det predict: error: {err}", file=sys.stderr)
+        stats = predict(a)
+    except (ValueError, OSError, ConnectionError) as err:
+        print(f"so-det predict: error: {_message(err)}", file=sys.stderr)
         return 2
-    out = Path(a.save_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = _unique_names(results)
-    for r, name in zip(results, names):
-        r.save(filename=str(out / name))
-        if a.save_txt:
-            (out / "labels").mkdir(exist_ok=True)
-            r.save_txt(str(out / "labels" / (Path(name).stem + ".txt")), save_conf=True)
-        extra = f", {len(r.patches)} patches" if hasattr(r, "patches") else ""
-        if hasattr(r, "n_tiles"):
-            extra += f", {r.n_tiles} tiles" + (" + full frame" if getattr(r, "full_frame", False) else "")
-        ms = sum(r.speed.get(k, 0) for k in ("preprocess", "inference", "postprocess"))
-        print(f"{r.path}: {len(r.boxes)} boxes{extra}, {ms:.0f} ms")
-    print(f"saved {len(results)} image(s) to {out}")
+    parts = [f"{stats['images']} image(s)"] + ([f"{stats['videos']} video(s)"] if stats["videos"] else [])
+    done = f"saved {' and '.join(parts)} to {a.save_dir}" if a.save else f"predicted {' and '.join(parts)}"
+    extra = [f"{stats['skipped']} done before (--resume)"] * bool(stats["skipped"])
+    extra += [f"{stats['unreadable']} unreadable, skipped"] * bool(stats["unreadable"])
+    print(done + (f" ({', '.join(extra)})" if extra else ""))
+    if stats["predictions"]:
+        print(f"wrote {stats['predictions']}")
     return 0
 
 
-def _unique_names(results):
-    seen, names = {}, []
-    for r in results:
-        name = Path(r.path).name
-        k = seen[name] = seen.get(name, -1) + 1
-        names.append(name if k == 0 else f"{Path(name).stem}_{k}{Path(name).suffix}")
-    return names
+def predict(a) -> dict:
+    """Run the ``so-det predict`` job ``a`` (parsed arguments): the ``--mode`` predictor over the expanded sources."""
+    from so_det_ultra.cliargs import defaults
+    from so_det_ultra.highres import jobs, runner, sources
+    from so_det_ultra.highres.engines import open_predictor
+
+    fn = MODES[a.mode]()
+    opts = {k: v for k, v in kwargs_for(fn, a).items() if k not in {"model", "source", "device"}}
+    shard = jobs.parse_shard(a.shard)
+    if a.vid_stride < 1:
+        raise ValueError(f"--vid-stride must be >= 1, got {a.vid_stride}")
+    inputs = sources.expand(a.source)
+    settings = runner.Settings(
+        save_dir=Path(a.save_dir),
+        **{k: getattr(a, k) for k in ("save", "save_txt", "save_json", "track", "tracker", "vid_stride")},
+        **{k: getattr(a, k) for k in ("resume", "force")},
+        max_pixels=a.max_pixels,
+        dense=a.mode == "dense",
+        dense_imgsz=opts.get("imgsz"),
+    )
+    model = Path(a.model).resolve() if Path(a.model).exists() else a.model
+    signature = {
+        "model": str(model),
+        "mode": a.mode,
+        "options": {k: v for k, v in {**defaults(fn), **opts}.items() if k not in {"model", "source", "device"}},
+        "vid_stride": a.vid_stride,
+        "tracker": a.tracker if a.track else None,
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+    }
+    device = getattr(a, "device", None)
+    unsafe = getattr(a, "unsafe_load", False)
+    return runner.run(
+        lambda: open_predictor(a.model, a.mode, device, unsafe, **opts), inputs, settings, signature, shard
+    )
+
+
+def run_merge(a) -> int:
+    from so_det_ultra.highres.jobs import merge
+
+    try:
+        out, rows, n = merge(a.out, a.shard_dirs, force=a.force)
+    except (ValueError, OSError) as err:
+        print(f"so-det merge-predictions: error: {_message(err)}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {rows} predictions of {n} input(s) from {len(a.shard_dirs)} folder(s)")
+    return 0
+
+
+def _message(err: Exception) -> str:
+    """The error's text, with the path an OS error is about when its text lacks it."""
+    text = str(err)
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.strerror or text}: {err.filename}"
+    return text

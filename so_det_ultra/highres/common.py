@@ -17,15 +17,27 @@ import torchvision
 from so_det_ultra.data.contract import IMAGE_SUFFIXES, is_image
 
 
-def load_model(model, device="cpu", fuse: bool = True):
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that safe (weights-only) loading refuses: it names code outside the known model classes."""
+
+
+def load_model(model, device="cpu", fuse: bool = True, unsafe_load: bool = False):
     """A ``DetectionModel`` in eval mode from a path (``.pt`` checkpoint or model YAML), a ``YOLO`` or a model.
+
+    A ``.pt`` file is loaded with Ultralytics' restricted loader (``torch_safe_load(..., safe_only=True)`` in
+    ultralytics/nn/tasks.py: ``torch.load(weights_only=True)`` with an allow-list of Ultralytics', torch's and the
+    registered so-det-ultra classes), so a file whose pickle would run other code is refused with
+    :class:`UnsafeCheckpointError` instead of running it. ``unsafe_load=True`` loads it the stock way (full pickle,
+    for files you trust).
 
     Returns:
         (nn.Module): The detection model (``model.names`` holds the class names), on ``device``, eval mode.
     """
     from ultralytics import YOLO
 
-    if isinstance(model, (str, Path)):
+    if isinstance(model, (str, Path)) and Path(model).suffix == ".pt" and not unsafe_load and Path(model).is_file():
+        model = _safe_checkpoint(Path(model))
+    elif isinstance(model, (str, Path)):
         model = YOLO(str(model))
     if hasattr(model, "predictor") and hasattr(model, "model"):  # a YOLO wrapper
         model = model.model
@@ -33,8 +45,45 @@ def load_model(model, device="cpu", fuse: bool = True):
     return model.fuse(verbose=False) if fuse and hasattr(model, "fuse") else model  # fuse() skips fused models
 
 
+def _safe_checkpoint(path: Path):
+    """The model of checkpoint ``path`` loaded weights-only, set up as ``load_checkpoint`` (ultralytics/nn/tasks.py)."""
+    import pickle
+    import re
+
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+    from ultralytics.nn import tasks
+
+    hint = "load it only if you trust where it came from: so-det predict --unsafe-load (Python: unsafe_load=True)"
+    try:
+        ckpt, _ = tasks.torch_safe_load(str(path), safe_only=True)
+    except (TypeError, pickle.UnpicklingError, ModuleNotFoundError) as err:
+        refused = isinstance(err, (pickle.UnpicklingError, ModuleNotFoundError)) or (
+            type(err) is TypeError and isinstance(err.__cause__, pickle.UnpicklingError)
+        )
+        if not refused:
+            raise  # damaged file, or a checkpoint naming blocks this version lacks: their own message
+        text = str(err.__cause__ or err)
+        names = sorted(set(re.findall(r"unsupported(?: global:)? GLOBAL ([\w.]+)", text, re.IGNORECASE)))
+        cause = f"it names {', '.join(names) or 'code'} outside the allow-list of model classes"
+        raise UnsafeCheckpointError(f"{path}: safe loading refused it ({cause}); {hint}") from err
+    candidate = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(candidate, torch.nn.Module):
+        raise UnsafeCheckpointError(f"{path} holds no model that safe loading can rebuild; {hint}")
+    model = candidate.float()
+    model.args = {**DEFAULT_CFG_DICT, **(ckpt.get("train_args") or {})}
+    model.pt_path = str(path)
+    model.task = getattr(model, "task", "detect")
+    if not hasattr(model, "stride"):
+        model.stride = torch.tensor([32.0])
+    return model
+
+
 def read_images(source) -> list[tuple[str, np.ndarray]]:
-    """``(path, BGR array)`` pairs from a file, a folder, a list of those, or arrays (named ``image0.jpg``...)."""
+    """``(path, BGR array)`` pairs from a file, a folder, a list of those, or arrays (named ``image0.jpg``...).
+
+    A file in a folder that is not a readable image is skipped with a warning; one named directly raises
+    ``FileNotFoundError``.
+    """
     items = source if isinstance(source, (list, tuple)) else [source]
     out = []
     for k, item in enumerate(items):
@@ -47,6 +96,11 @@ def read_images(source) -> list[tuple[str, np.ndarray]]:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
         for f in files:
             img = cv2.imread(str(f))
+            if img is None and p.is_dir():  # one bad file in a folder does not stop the others
+                from ultralytics.utils import LOGGER
+
+                LOGGER.warning(f"skipping {f}: not a readable image")
+                continue
             if img is None:
                 raise FileNotFoundError(f"cannot read image {f}")
             out.append((str(f), img))

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,7 +83,8 @@ def sliced_predict(
     """Detect on overlapping tiles of each image (plus, optionally, the whole frame) and merge the detections.
 
     Args:
-        model: A ``.pt`` checkpoint or model YAML path, a ``YOLO``, or a ``DetectionModel``.
+        model: A ``.pt`` checkpoint or model YAML path, a ``YOLO``, a ``DetectionModel``, an export that
+            Ultralytics' ``AutoBackend`` loads (``.onnx``, OpenVINO folder, ``.engine``), or a :class:`TileModel`.
         source: An image path, folder, BGR array, or a list of those (see ``common.read_images``).
         tile (int): Tile side in pixels; tiles are fed at native resolution.
         overlap (float): Fraction of ``tile`` shared by neighbouring tiles.
@@ -95,7 +97,7 @@ def sliced_predict(
         merge_iou (float): Overlap threshold of ``merge`` (IoU for NMS, intersection over smaller box for NMM).
         agnostic (bool): Class-agnostic NMS and merging.
         max_det (int): Maximum detections per pass and per image.
-        batch (int): Tiles per forward pass.
+        batch (int): Tiles per forward pass (a fixed-batch export runs its own batch size, padded).
         device: Torch device.
 
     Returns:
@@ -106,7 +108,7 @@ def sliced_predict(
     """
     if merge not in common.MERGERS:
         raise ValueError(f"unknown merge {merge!r}; choose one of {sorted(common.MERGERS)}")
-    model = common.load_model(model, device)
+    model = model if isinstance(model, TileModel) else TileModel(model, device)
     opts = dict(conf=conf, iou=iou, agnostic=agnostic, max_det=max_det, device=device)
     out = []
     for path, img in common.read_images(source):
@@ -123,6 +125,55 @@ def sliced_predict(
         res.n_tiles, res.full_frame = len(windows), frame_pass
         out.append(res)
     return out
+
+
+class TileModel:
+    """A detector fed whole tiles: a PyTorch model (``common.load_model``) or any export ``AutoBackend`` loads; both
+    run through Ultralytics' ``AutoBackend``, so tiles get the same memory layout and backend as ``YOLO.predict``.
+
+    Exports (``.onnx``, an OpenVINO ``*_openvino_model/`` folder, a TensorRT ``.engine``, ...) run through
+    Ultralytics' ``AutoBackend``, which splits or pads a batch to a fixed-batch export's size. An export with a fixed
+    input shape (Ultralytics' default, ``dynamic=False``) gets every tile letterboxed to that shape (square padding
+    instead of the minimal rectangle), so its boxes can differ slightly from the ``.pt``'s near padded borders;
+    export with ``dynamic=True`` to feed the same inputs as PyTorch.
+
+    Attributes:
+        names (dict[int, str]): Class names. stride (int): Largest stride. shape (tuple | None): Fixed input (h, w).
+    """
+
+    def __init__(self, model, device="cpu"):
+        from ultralytics.nn.autobackend import AutoBackend
+
+        self.device = torch.device(device)
+        if _is_export(model):
+            self.net = AutoBackend(str(model), device=self.device, verbose=False)
+            meta = self.net.metadata or {}
+            self.shape = None if meta.get("dynamic") else tuple(meta.get("imgsz", (640, 640)))
+        else:  # loaded here (safe loading), then AutoBackend's channels-last layout on x86 CPUs, as YOLO.predict
+            self.net = AutoBackend(common.load_model(model, device), device=self.device, verbose=False)
+            self.shape = None
+        self.stride = int(max(torch.as_tensor(self.net.stride).reshape(-1).tolist()))
+        self.names = self.net.names
+
+    def letterbox(self, img: np.ndarray, imgsz: int | None) -> torch.Tensor:
+        """(1, 3, H, W) input for ``img``: the minimal letterbox, or the export's fixed shape."""
+        if self.shape is None:
+            return common.letterbox(img, imgsz, self.stride, self.device)
+        from ultralytics.data.augment import LetterBox
+
+        lb = LetterBox(new_shape=self.shape, auto=False)(image=img)
+        x = torch.from_numpy(np.ascontiguousarray(lb[..., ::-1].transpose(2, 0, 1))).to(self.device)
+        return x.float().div_(255).unsqueeze(0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded predictions (B, 4 + nc, A) in ``x``'s pixels."""
+        y = self.net(x)
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def _is_export(model) -> bool:
+    """A path that is not a PyTorch checkpoint or a model YAML: an export for ``AutoBackend``."""
+    return isinstance(model, (str, Path)) and Path(model).suffix not in (".pt", ".yaml", ".yml")
 
 
 def _chunks(windows: list[Window], size: int) -> list[list[Window]]:
@@ -144,8 +195,7 @@ def _shape(w: Window) -> tuple[int, int]:
 def _detect_tiles(model, img: np.ndarray, windows: list[Window], speed: dict, device, **nms) -> list[torch.Tensor]:
     """``(N, 6)`` detections of each tile in ``windows``, in frame pixels."""
     t = time.perf_counter()
-    stride = common.model_stride(model)
-    x = torch.cat([common.letterbox(img[y0:y1, x0:x1], None, stride, device) for x0, y0, x1, y1 in windows])
+    x = torch.cat([model.letterbox(img[y0:y1, x0:x1], None) for x0, y0, x1, y1 in windows])
     speed["preprocess"] += _ms(t)
     dets = _infer(model, x, speed, **nms)
     t = time.perf_counter()
@@ -158,7 +208,7 @@ def _detect_tiles(model, img: np.ndarray, windows: list[Window], speed: dict, de
 def _detect_frame(model, img: np.ndarray, imgsz: int, speed: dict, device, **nms) -> torch.Tensor:
     """``(N, 6)`` detections of the whole frame letterboxed to ``imgsz``, in frame pixels."""
     t = time.perf_counter()
-    x = common.letterbox(img, imgsz, common.model_stride(model), device)
+    x = model.letterbox(img, imgsz)
     speed["preprocess"] += _ms(t)
     (d,) = _infer(model, x, speed, **nms)
     t = time.perf_counter()
@@ -174,7 +224,6 @@ def _infer(model, x: torch.Tensor, speed: dict, conf: float, iou: float, agnosti
     t = time.perf_counter()
     with torch.no_grad():
         y = model(x)
-    y = y[0] if isinstance(y, (tuple, list)) else y  # eval forward: (y, raw head outputs)
     speed["inference"] += _ms(t)
     t = time.perf_counter()
     dets = non_max_suppression(y, conf, iou, agnostic=agnostic, max_det=max_det, max_time_img=1e6)

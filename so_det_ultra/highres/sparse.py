@@ -19,22 +19,26 @@ With ``sparse_head=True`` the Detect layer runs only at the heatmap centres dila
 (:mod:`.sparse_head`, exact at those cells); by default it runs on every cell of each patch.
 
 Interpretations: a crop may include a ``margin`` of context around its core (the paper crops patches without one;
-``margin=0`` is that reading); the sparse head's cells are the 3x3 local maxima >= ``thr`` dilated by
-``head_dilate`` cells (the paper's sparse head works at "dilated local maxima"; the dilation is not given, 2 cells =
-16 px is ours).
+``margin=0`` is that reading); the sparse head's cells are the 3x3 local maxima >= ``thr`` (official 0.3) dilated by
+``head_dilate`` cells (official 1: a 3x3 dilation, ``models/yolo.py`` ``Detect.get_indices``).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from so_det_ultra.highres import common
-from so_det_ultra.highres.patches import find_centres, make_patches, select_patches
-from so_det_ultra.highres.sparse_head import dilate, sparse_detect
-from so_det_ultra.nn.esod import ObjectSeeker, SeekerDetect
+from so_det_ultra.highres.patches import THRESHOLD, find_centres, make_patches, official_patch, select_patches
+from so_det_ultra.highres.sparse_head import HEAD_DILATE, dilate, sparse_detect
+from so_det_ultra.nn.esod import SeekerDetect
+from so_det_ultra.nn.graph import layer_inputs as _inputs
+from so_det_ultra.nn.graph import seeker_index
+from so_det_ultra.nn.graph import sources as _sources
 
 
 class SparseModel:
@@ -52,17 +56,16 @@ class SparseModel:
     """
 
     def __init__(self, model, device="cpu"):
-        self.model = common.load_model(model, device)
+        self.model = _channels_last(common.load_model(model, device), device)
         layers = list(self.model.model)
-        found = [m.i for m in layers if isinstance(m, ObjectSeeker)]
-        if len(found) != 1:
-            raise ValueError(
-                f"sparse inference needs exactly one ObjectSeeker layer in the model, found {len(found)}; "
-                "use so-det-esod-*.yaml, or sliced inference for models without a seeker"
-            )
-        self.k = found[0]
+        self.k = seeker_index(
+            layers, "sparse inference", "use so-det-esod-*.yaml, or sliced inference for models without a seeker"
+        )
         self.stem, self.rest = layers[: self.k + 1], layers[self.k + 1 :]
         self.needed = {j for m in self.rest for j in _sources(m) if j <= self.k}  # stem outputs read later
+        seek, head = self.k, self.rest[-1]
+        if isinstance(head, SeekerDetect) and [m for m in self.rest if seek in _sources(m)] == [head]:
+            self.needed.discard(seek)  # SeekerDetect passes the logits to the loss only: no need to crop them
         self.names = self.model.names
         self.stride = common.model_stride(self.model)
         self.cell, self.factor = self._measure(device)
@@ -73,7 +76,7 @@ class SparseModel:
         """Seeker stride in pixels and, per cropped stem output, its map cells per heatmap cell (one stem forward)."""
         size = 2 * self.stride
         ch = (getattr(self.model, "yaml", None) or {}).get("channels", 3)
-        y, _ = self.run_stem(torch.zeros(1, ch, size, size, device=device))
+        y = self.stem_outputs(torch.zeros(1, ch, size, size, device=device))
         h, w = y[-1].shape[2:]
         if h != w or size % h:
             raise ValueError(f"the ObjectSeeker's output ({h}x{w} on a {size}x{size} input) has no integer stride")
@@ -92,61 +95,144 @@ class SparseModel:
         return cell, factor
 
     @torch.no_grad()
-    def run_stem(self, x: torch.Tensor) -> tuple[list, torch.Tensor]:
-        """Outputs of the stem layers on the full frame and the heatmap (H/cell, W/cell) in [0, 1]."""
+    def stem_outputs(self, x: torch.Tensor) -> list:
+        """Outputs of every stem layer on the full frame (the last one is the seeker's logits)."""
         y = []
         for m in self.stem:
             x = _inputs(m, x, y)
             x = m(x)
             y.append(x)
-        return y, x[0, 0].sigmoid()
+        return y
 
     @torch.no_grad()
-    def run_patches(
-        self, stem_out: list, image_hw: tuple[int, int], patches, batch: int = 16, head_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def run_stem(self, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The stem outputs later layers read ``{layer: (1, C, h, w)}`` and the heatmap (H/cell, W/cell) in [0, 1]."""
+        y = self.stem_outputs(x)
+        return {j: y[j] for j in self.needed}, y[-1][0, 0].sigmoid()
+
+    @torch.no_grad()
+    def run_rest(self, crops: dict) -> torch.Tensor:
+        """Raw Detect output (B, 4 + nc, A) in crop pixels for a batch of crops ``{layer: (B, C, h, w)}``."""
+        head, feats = self._rest_features(crops)
+        pred = head(feats)
+        return pred[0] if isinstance(pred, (tuple, list)) else pred
+
+    @torch.no_grad()
+    def run_rest_sparse_head(self, crops: dict, masks: list) -> list:
+        """Per-crop (4 + nc, A_i) predictions in crop pixels with the Detect head evaluated only at ``masks``."""
+        head, feats = self._rest_features(crops)
+        feats = head.split(feats)[0] if isinstance(head, SeekerDetect) else feats
+        return sparse_detect(head, feats, masks(feats))
+
+    @torch.no_grad()
+    def _rest_features(self, crops: dict):
+        y = [crops.get(j) for j in range(self.k + 1)]
+        x = y[-1]
+        for m in self.rest[:-1]:
+            x = m(_inputs(m, x, y))
+            y.append(x)
+        head = self.rest[-1]
+        return head, _inputs(head, x, y)
+
+    def run_patches(self, stem_out: dict, image_hw, patches, batch: int = 16, head_mask=None) -> torch.Tensor:
         """Raw Detect output (1, 4 + nc, N) in frame pixels for anchors whose box centre lies in a patch core.
 
-        ``head_mask`` (H/cell, W/cell) bool switches on the sparse head: Detect is evaluated only at those cells.
+        ``image_hw`` (the letterboxed input's size) is not needed; kept for callers of earlier versions.
         """
-        outs = []
-        for i in range(0, len(patches), batch):
-            chunk = patches[i : i + batch]
-            outs.extend(self._to_frame(self._run_chunk(stem_out, image_hw, chunk, head_mask), chunk))
-        if not outs:
-            return torch.zeros(1, 4 + len(self.names), 0)
-        return torch.cat(outs, 1)[None]
+        return run_patches(self, stem_out, patches, batch, head_mask)
 
-    def _run_chunk(self, stem_out, image_hw, chunk, head_mask):
-        """Per-crop (4 + nc, A) predictions in crop pixels."""
-        crops = [self._crop(t, self.factor[j], chunk) if j in self.needed else None for j, t in enumerate(stem_out)]
-        y = crops[-1]
-        for m in self.rest[:-1]:
-            y = m(_inputs(m, y, crops))
-            crops.append(y)
-        head = self.rest[-1]
-        feats = _inputs(head, y, crops)
-        if head_mask is not None:
-            feats = head.split(feats)[0] if isinstance(head, SeekerDetect) else feats
-            return sparse_detect(head, feats, _level_masks(head_mask, chunk, feats))
-        pred = head(feats)
-        return list(pred[0] if isinstance(pred, (tuple, list)) else pred)
 
-    @staticmethod
-    def _crop(t, f, patches):
-        """The crops of ``patches`` (in heatmap cells) from a stem output with ``f`` map cells per heatmap cell."""
-        return torch.cat([t[..., p.crop[0] * f : p.crop[2] * f, p.crop[1] * f : p.crop[3] * f] for p in patches])
+def _channels_last(model, device):
+    """Channels-last weights on x86 CPUs with oneDNN, as Ultralytics' ``AutoBackend`` sets them for ``YOLO.predict``
+    (``ultralytics/nn/autobackend.py``): the same layout as the dense baseline, and faster convolutions there."""
+    import platform
 
-    def _to_frame(self, preds, patches):
-        out = []
-        for y, p in zip(preds, patches):
-            y = y.clone()
-            y[0] += p.crop[1] * self.cell
-            y[1] += p.crop[0] * self.cell
-            cy0, cx0, cy1, cx1 = (v * self.cell for v in p.core)
-            inside = (y[0] >= cx0) & (y[0] < cx1) & (y[1] >= cy0) & (y[1] < cy1)
-            out.append(y[:, inside])
-        return out
+    cpu = torch.device(device).type == "cpu"
+    if cpu and platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def run_patches(engine, stem_out: dict, patches, batch: int = 16, head_mask=None, merge: bool = True) -> torch.Tensor:
+    """Raw Detect output (1, 4 + nc, N) in frame pixels of ``engine`` (a :class:`SparseModel` or an exported one)
+    for the anchors whose box centre lies in a patch core.
+
+    Patches with equal crop sizes run together, ``batch`` at a time; each stem output is cut once per batch into one
+    contiguous tensor. With ``merge``, overlapping crops that fit a common box at no extra area run as that box
+    (:func:`merge_crops`). ``head_mask`` (H/cell, W/cell) bool switches on the sparse head (PyTorch only): Detect is
+    evaluated only at those cells.
+    """
+    groups = {}
+    for p in merge_crops(patches) if merge else [_Run(p.crop, (p.core,)) for p in patches]:
+        groups.setdefault((p.crop[2] - p.crop[0], p.crop[3] - p.crop[1]), []).append(p)
+    outs = []
+    for same in groups.values():
+        for i in range(0, len(same), batch):
+            chunk = same[i : i + batch]
+            crops = {j: _crop(t, engine.factor[j], chunk) for j, t in stem_out.items()}
+            if head_mask is None:
+                preds = engine.run_rest(crops)
+            else:
+                preds = engine.run_rest_sparse_head(crops, lambda f, c=chunk: _level_masks(head_mask, c, f))
+            outs.append(_to_frame(preds, chunk, engine.cell))
+    if not outs:
+        return torch.zeros(1, 4 + len(engine.names), 0)
+    return torch.cat(outs, 1)[None]
+
+
+class _Run(NamedTuple):
+    """One network input: a crop (y0, x0, y1, x1 cells) and the patch cores whose predictions it gives."""
+
+    crop: tuple
+    cores: tuple
+
+
+def _area(b) -> int:
+    return (b[2] - b[0]) * (b[3] - b[1])
+
+
+def merge_crops(patches, max_grow: int = 4) -> list:
+    """Patches as network runs, overlapping crops merged: two crops become their bounding box when the box is no
+    larger than the two crops' areas together (so no work is added, and the overlap is computed once) and at most
+    ``max_grow`` times the largest patch crop (bounding global layers such as C2PSA's attention, which cost more per
+    cell on larger inputs). Boxes of aligned crops stay aligned, so predictions stay those of the dense model."""
+    runs = [_Run(p.crop, (p.core,)) for p in patches]
+    limit = max_grow * max((_area(p.crop) for p in patches), default=0)
+    merged = True
+    while merged:
+        merged = False
+        for i, j in itertools.combinations(range(len(runs)), 2):
+            a, b = runs[i].crop, runs[j].crop
+            box = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+            if _area(box) <= min(_area(a) + _area(b), limit):
+                runs[i], merged = _Run(box, runs[i].cores + runs[j].cores), True
+                del runs[j]
+                break
+    return runs
+
+
+def _crop(t: torch.Tensor, f: int, patches) -> torch.Tensor:
+    """The crops of ``patches`` (in heatmap cells) from a stem output with ``f`` map cells per heatmap cell."""
+    if len(patches) == 1:
+        p = patches[0]
+        return t[..., p.crop[0] * f : p.crop[2] * f, p.crop[1] * f : p.crop[3] * f]  # a view: no copy
+    return torch.cat([t[..., p.crop[0] * f : p.crop[2] * f, p.crop[1] * f : p.crop[3] * f] for p in patches])
+
+
+def _to_frame(preds, patches, cell: int) -> torch.Tensor:
+    """(4 + nc, N) predictions in frame pixels whose box centre lies in a core of the run that made them."""
+    out = []
+    for y, p in zip(preds, patches):
+        dx, dy = p.crop[1] * cell, p.crop[0] * cell
+        inside = torch.zeros(y.shape[1], dtype=torch.bool)
+        for core in p.cores:
+            cy0, cx0, cy1, cx1 = (v * cell for v in core)
+            inside |= (y[0] >= cx0 - dx) & (y[0] < cx1 - dx) & (y[1] >= cy0 - dy) & (y[1] < cy1 - dy)
+        y = y[:, inside]  # boolean indexing copies, so the shift below leaves the network's output untouched
+        y[0] += dx
+        y[1] += dy
+        out.append(y)
+    return torch.cat(out, 1)
 
 
 def _level_masks(mask, patches, feats):
@@ -162,18 +248,6 @@ def _level_masks(mask, patches, feats):
     return out
 
 
-def _sources(m):
-    """Absolute indices of the layers ``m`` reads (a negative ``from`` counts back: -1 is the previous layer)."""
-    return [m.i + j if j < 0 else j for j in ([m.f] if isinstance(m.f, int) else m.f)]
-
-
-def _inputs(m, x, y):
-    """The input of layer ``m`` given the previous output ``x`` and all outputs ``y`` (Ultralytics' ``from`` rule)."""
-    if m.f == -1:
-        return x
-    return y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-
-
 def _centre_mask(prob, thr, r):
     mask = torch.zeros(prob.shape, dtype=torch.bool)
     c = find_centres(prob, thr)
@@ -181,17 +255,12 @@ def _centre_mask(prob, thr, r):
     return dilate(mask[None], r)[0]
 
 
-def default_patch(cells_w: int, align: int) -> int:
-    """ESOD's default patch: an eighth of the frame width in heatmap cells, rounded to ``align`` (at least 4 aligns)."""
-    return max(round(cells_w / 8 / align) * align, 4 * align)
-
-
 def sparse_predict(
     model,
     source,
     *,
     imgsz=None,
-    thr: float = 0.5,
+    thr: float = THRESHOLD,
     patch: int | None = None,
     margin: int = 2,
     conf: float = 0.25,
@@ -200,8 +269,9 @@ def sparse_predict(
     batch: int = 16,
     heatmap=None,
     sparse_head: bool = False,
-    head_dilate: int = 2,
+    head_dilate: int = HEAD_DILATE,
     prune: bool = True,
+    merge_crops: bool = True,
     device="cpu",
 ) -> list:
     """ESOD sparse inference on each image of ``source``; returns Ultralytics ``Results``.
@@ -211,8 +281,9 @@ def sparse_predict(
         source: Image path, folder, array, or a list of those.
         imgsz (int, optional): Long side of the network input; None keeps the image's own resolution.
         thr (float): Heatmap threshold for patch centres and activated cells.
-        patch (int, optional): Patch core size in heatmap cells (``SparseModel.cell`` px, 8 for so-det-esod);
-            None = width / 8 (ESOD's choice).
+        patch (int | tuple, optional): Patch core size in heatmap cells (``SparseModel.cell`` px, 8 for
+            so-det-esod), square or (h, w); None = ESOD's w/8 x h/8 cells
+            (:func:`~so_det_ultra.highres.patches.official_patch`).
         margin (int): Context cells added around each core in the crop the network sees.
         conf, iou, max_det: NMS settings, as in ``YOLO.predict``.
         batch (int): Patches per forward pass.
@@ -222,13 +293,15 @@ def sparse_predict(
             (ESOD's sparse head; :mod:`.sparse_head`) instead of on every cell of each patch.
         prune (bool): Drop patches whose active cells the other patches' cores already hold
             (:func:`~so_det_ultra.highres.patches.select_patches`).
+        merge_crops (bool): Run overlapping crops as their common box when it adds no area (:func:`merge_crops`);
+            the predictions are the same, the overlap is computed once.
 
     Each result has ``speed`` (ms: preprocess, stem, select, patches, postprocess, inference) and ``patches`` (the
     list of :class:`~so_det_ultra.highres.patches.Patch` used, in cells of the letterboxed input).
     """
     from ultralytics.utils.nms import non_max_suppression
 
-    sm = model if isinstance(model, SparseModel) else SparseModel(model, device)
+    sm = model if hasattr(model, "run_rest") else SparseModel(model, device)  # ours or an exported engine
     results = []
     for n, (path, img) in enumerate(common.read_images(source)):
         t0 = time.perf_counter()
@@ -238,12 +311,12 @@ def sparse_predict(
         if heatmap is not None:
             prob = torch.as_tensor(heatmap(n, path, tuple(x.shape[2:]), tuple(prob.shape)), dtype=prob.dtype)
         t2 = time.perf_counter()
-        p = patch or default_patch(prob.shape[1], sm.align)
+        p = patch or official_patch(tuple(prob.shape), sm.align)
         corners = select_patches(prob, thr, p, sm.align, prune)
         patches = make_patches(corners, prob.shape, p, margin, sm.align)
         head_mask = _centre_mask(prob, thr, head_dilate) if sparse_head else None
         t3 = time.perf_counter()
-        raw = sm.run_patches(stem_out, tuple(x.shape[2:]), patches, batch, head_mask)
+        raw = run_patches(sm, stem_out, patches, batch, head_mask, merge_crops)
         t4 = time.perf_counter()
         det = non_max_suppression(raw, conf, iou, max_det=max_det, max_time_img=60.0)[0]
         speed = {

@@ -2,10 +2,10 @@
 
 Source: Liu et al., "ESOD: Efficient Small Object Detection on High-Resolution Images", IEEE TIP 2024, sec. 3 (sparse
 detection head; official code github alibaba/esod; docs/highres.md): the head's convs are evaluated only at dilated
-local maxima of the seeker's heatmap. The results at the chosen cells are exactly those of the dense head (same
-weights, same zero padding at the map border): each conv of a branch is computed only where a later layer needs it
-(the chosen cells dilated by the receptive radius still to come), as one matrix product over the gathered k x k
-windows.
+local maxima of the seeker's heatmap (official: the 3x3 maxima >= 0.3 dilated 3x3, :data:`HEAD_DILATE`). The results
+at the chosen cells are exactly those of the dense head (same weights, same zero padding at the map border): each conv
+of a branch is computed only where a later layer needs it (the chosen cells dilated by the receptive radius still to
+come), as one matrix product over the gathered k x k windows.
 
 Works with Ultralytics' ``Detect`` (one-to-many branch, ``cv2`` box and ``cv3`` class branches made of stride-1
 ``Conv``/``DWConv``/``nn.Conv2d``, fused or not); end-to-end (one-to-one) heads are refused.
@@ -16,6 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Official: the centres (3x3 maxima >= 0.3) grown by a 3x3 max-pool, i.e. 1 cell each way (models/yolo.py,
+# Detect.get_indices, lines 69-100; deeper levels max-pool the mask to their stride, then grow it 3x3 again).
+HEAD_DILATE = 1
 
 
 def leaves(module: nn.Module) -> list[nn.Module]:

@@ -1,36 +1,16 @@
 """The only package that touches Ultralytics internals; every change it makes is recorded in :data:`PATCHES`.
 
-Owns: the registration of so-det-ultra with Ultralytics (and torch's safe-loading allow-list), and its undoing. May
-import anything: Ultralytics internals, torch, :mod:`so_det_ultra.registry`, and the packages whose objects it plugs in
-(:mod:`so_det_ultra.nn` for blocks, :mod:`so_det_ultra.losses`, :mod:`so_det_ultra.metrics.hooks` for callbacks).
-Nothing else in so-det-ultra patches Ultralytics.
+Owns: the registration of so-det-ultra with Ultralytics (and torch's safe-loading allow-list), and its undoing. It
+sits on top of the layers (docs/architecture.md) and plugs in what the packages below provide: the parser learns the
+blocks of :data:`so_det_ultra.registry.BLOCKS` (:mod:`.parser`, :mod:`.names`, :mod:`.rtdetr`), the model YAML's
+``loss:`` picks a criterion (:mod:`.losses`), ESOD patch training gets its seam (:mod:`.esod`), the metrics their
+callbacks (:mod:`.callbacks`), checkpoints a version stamp (:mod:`.checkpoint`) and torch the allow-list
+(:mod:`.serialization`).
 
-``install()`` runs once per process, right after ``ultralytics.nn.tasks`` has been imported (see ``_bootstrap``), and
-records each change in :data:`PATCHES` (a :class:`~.ledger.Ledger`: ``target -> Change`` with the original object
-and what undoes it). The changes, by module:
-
-- :mod:`.parser`: ``ultralytics.nn.tasks.parse_model`` recompiled with the block lookup and channel-rule branch; the
-  one global it calls, ``ultralytics.nn.tasks._so_det_ultra_parse``, added.
-- :mod:`.names`: ``ultralytics.utils.checks.check_file`` (bare names of our shipped YAMLs, ``so-det-s.yaml``,
-  ``visdrone.yaml``, resolve to ``cfg/`` when no local file of that name exists) and
-  ``ultralytics.nn.tasks.guess_model_scale`` (``<family>-<scale>.yaml`` names give their scale letter).
-- :mod:`.losses`: ``DetectionModel.init_criterion`` and ``RTDETRDetectionModel.init_criterion``: a model YAML's
-  ``loss:`` section picks a registered criterion; without it, Ultralytics' own.
-- :mod:`.rtdetr`: ``ultralytics.nn.tasks.guess_model_task``: ``YOLO()`` on a YAML whose head is one of our RT-DETR
-  decoders says to use ``RTDETR``.
-- :mod:`.esod`: ``DetectionModel.loss`` (patch training for a model YAML with ``esod_train:``) and two callbacks
-  (ESODLoss's class ratios from the training labels, the epoch for patch training's warm-up).
-- :mod:`.callbacks`: functions appended to ``ultralytics.utils.callbacks.base.default_callbacks`` (one entry each).
-- :mod:`.checkpoint`: ``ultralytics.nn.tasks.torch_safe_load`` (a checkpoint naming a so-det-ultra block this version
-  lacks fails with a message naming the block and both versions) and one ``on_pretrain_routine_end`` callback (the
-  trained model's YAML dict records this version, ``model.yaml["so_det_ultra"]``).
-- :mod:`.serialization`: every registered class added to torch's weights-only allow-list
-  (``torch.serialization.add_safe_globals``), so ``ULTRALYTICS_SAFE_LOAD=1`` loads our checkpoints (one entry each).
-
-Functions Ultralytics imports by value (``from ultralytics.nn.tasks import yaml_model_load``) are replaced in every
-already-imported ``ultralytics.*`` module that holds the original object, so the order of imports does not matter.
-``uninstall()`` reverts every recorded change (newest first), after which ``install()`` may run again. Trainers,
-validators and models created while installed keep what they copied (their callbacks, their criterion).
+``install()`` runs once per process, right after ``ultralytics.nn.tasks`` has been imported (see
+``so_det_ultra._bootstrap``), and makes each change through a :class:`~.ledger.Ledger`, which records the original
+object and what undoes it; ``uninstall()`` reverts them all, newest first, after which ``install()`` may run again.
+The table of changes: docs/architecture.md, "The host patches".
 """
 
 from __future__ import annotations
@@ -71,7 +51,7 @@ def install(strict: bool = False):
             for part in (parser, names, losses, callbacks, serialization, rtdetr, esod, checkpoint):
                 part.install(PATCHES)
         except BaseException:
-            _undo()
+            PATCHES.undo()
             raise
         _state["done"] = True
 
@@ -80,15 +60,8 @@ def uninstall():
     """Revert every change :func:`install` made (each attribute holds its original object again); idempotent."""
     with _lock:
         if _state["done"]:
-            _undo()
+            PATCHES.undo()
             _state["done"] = False
-
-
-def _undo():
-    from so_det_ultra.integration import serialization
-
-    serialization.uninstall()
-    PATCHES.undo()
 
 
 def installed() -> bool:

@@ -1,22 +1,13 @@
 """Checkpoints record the so-det-ultra version that wrote them; loading one whose blocks this version lacks says so.
 
-Two changes, both recorded in the ledger:
-
-- ``on_pretrain_routine_end`` (appended to Ultralytics' default callbacks): when the model being trained uses a
-  registered so-det-ultra block, ``model.yaml["so_det_ultra"]`` is set to this version, on the model and on its EMA
-  copy (the one ``last.pt``/``best.pt`` store). The model YAML dict travels inside every checkpoint Ultralytics
-  writes and is ignored by its parser, so the stamp needs no change to the checkpoint format.
-- ``ultralytics.nn.tasks.torch_safe_load`` (what every ``YOLO("x.pt")``, ``yolo predict model=x.pt`` and
-  ``resume=True`` goes through) is wrapped: before unpickling, the classes the checkpoint names are listed without
-  running it (``torch.serialization.get_unsafe_globals_in_checkpoint``); a ``so_det_ultra.*`` class that this version
-  does not have raises :class:`CheckpointBlockError`. When the load itself fails on a class that cannot be found (a
-  user's own registered block renamed or removed), the same error replaces Ultralytics' if the checkpoint carries the
-  stamp. The message names the block(s), the version that wrote the checkpoint and this version.
-
-Interpretation: the stamp is read back from the pickle's opcodes (:mod:`pickletools`, nothing is executed), so it is
-available with and without ``ULTRALYTICS_SAFE_LOAD=1`` even though the model itself cannot be rebuilt. Under safe
-loading, modules the checkpoint names are imported only when they belong to so-det-ultra or are already imported
-(a weights-only load must not run code named by the file).
+Two ledger changes: an ``on_pretrain_routine_end`` callback stamps this version into the trained model's YAML dict
+(``model.yaml["so_det_ultra"]``, on the model and its EMA copy, which travel inside every checkpoint Ultralytics
+writes), and ``ultralytics.nn.tasks.torch_safe_load`` is wrapped: the classes a checkpoint names are listed without
+running it (``torch.serialization.get_unsafe_globals_in_checkpoint``), and a missing ``so_det_ultra.*`` class (or,
+in a stamped checkpoint, a user's registered block) raises :class:`CheckpointBlockError` naming the block(s), the
+version that wrote the file and this version. The stamp is read from the pickle's opcodes (:mod:`pickletools`), so
+it works with and without ``ULTRALYTICS_SAFE_LOAD=1``; under safe loading only so-det-ultra's own or already
+imported modules are imported. The ledger table: docs/architecture.md, "The host patches".
 """
 
 from __future__ import annotations
@@ -30,6 +21,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from so_det_ultra import _version
+
 KEY = "so_det_ultra"  # model.yaml key holding the version that wrote the checkpoint
 PACKAGE = "so_det_ultra."
 MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
@@ -41,9 +34,8 @@ class CheckpointBlockError(TypeError):
 
 
 def plugin_version() -> str:
-    from so_det_ultra import __version__
-
-    return __version__
+    """This so-det-ultra version (read at call time from :mod:`so_det_ultra._version`)."""
+    return _version.__version__
 
 
 def uses_plugin(model) -> bool:

@@ -6,7 +6,8 @@ Each change goes through one :class:`Ledger` method, which makes it and records 
   because Ultralytics imports some of them by value);
 - :meth:`Ledger.set_class_attr`: a method on a class;
 - :meth:`Ledger.add_global`: a name added to a module's globals;
-- :meth:`Ledger.append`: a function appended to a list (Ultralytics' default callbacks);
+- :meth:`Ledger.append`: a function appended to a list (Ultralytics' default callbacks; the subscribers of
+  :data:`so_det_ultra.registry.SAFE_GLOBALS`);
 - :meth:`Ledger.add_safe_global`: a class on torch's weights-only allow-list.
 
 :meth:`Ledger.undo` reverts them all, newest first, restoring the very objects that were there before.

@@ -1,49 +1,21 @@
-"""Model-YAML loss selection: ``loss:`` picks a registered criterion instead of Ultralytics' default.
+"""Model-YAML loss selection in Ultralytics: ``loss:`` picks a registered criterion instead of the default.
 
-A model YAML may carry::
-
-    loss:
-      type: DCLoss        # a name registered with so_det_ultra.registry.register_loss
-      gamma: 0.5          # every other key is passed to the loss constructor as a keyword argument
-
-Absent ``loss:`` (or ``type: default``), Ultralytics' own criterion is used, unchanged. The loss class is built as
-``cls(model, **kwargs)`` like Ultralytics' ``v8DetectionLoss(model)``, and must return what the default criterion
-returns for that model (``(loss_sum, loss_items)``).
-
-The patch: ``init_criterion`` of ``DetectionModel`` and ``RTDETRDetectionModel`` (the two that the detect and RT-DETR
-trainers build) is wrapped to consult ``self.yaml["loss"]`` first.
+The ``loss:`` section and how a criterion is built: :mod:`so_det_ultra.losses.config`. The patch: ``init_criterion``
+of ``DetectionModel`` and ``RTDETRDetectionModel`` (the two that the detect and RT-DETR trainers build) is wrapped to
+consult ``self.yaml["loss"]`` first.
 """
 
 from __future__ import annotations
 
 import functools
 
-from so_det_ultra.registry import LOSSES, ModelBuildError
-
-
-def loss_config(model) -> dict | None:
-    cfg = (getattr(model, "yaml", None) or {}).get("loss")
-    if not cfg or str(cfg.get("type", "default")).lower() == "default":
-        return None
-    if not isinstance(cfg, dict) or "type" not in cfg:
-        raise ModelBuildError(f"model YAML `loss:` must be a mapping with a `type:` key, got {cfg!r}")
-    return cfg
-
-
-def build_loss(model, cfg: dict):
-    import so_det_ultra.losses  # noqa: F401  (registers every loss)
-
-    kwargs = {k: v for k, v in cfg.items() if k != "type"}
-    try:
-        cls = LOSSES.get(cfg["type"]).cls
-    except KeyError as err:
-        raise ModelBuildError(f"model YAML `loss: type: {cfg['type']}`: {err}") from None
-    return cls(model, **kwargs)
-
 
 def wrap_init_criterion(original):
     @functools.wraps(original)
     def init_criterion(self):
+        # loaded on first use: the losses import Ultralytics' model package, which may be mid-import at install time
+        from so_det_ultra.losses.config import build_loss, loss_config
+
         cfg = loss_config(self)
         return build_loss(self, cfg) if cfg else original(self)
 

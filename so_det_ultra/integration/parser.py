@@ -22,9 +22,11 @@ import functools
 import inspect
 import textwrap
 
+from so_det_ultra.integration.yaml_checks import check_yaml
 from so_det_ultra.registry import BLOCKS, LayerSpec, ModelBuildError, UnknownBlockError
 
 HOOK_NAME = "_so_det_ultra_parse"  # the single name this module adds to ultralytics.nn.tasks' globals
+SCALE_KEY = "_so_det_ultra_scale"  # the true scale letter, kept in parse_model's copy of the dict by apply_c3k_scales
 
 
 class ParseHooks:
@@ -34,8 +36,7 @@ class ParseHooks:
     def lookup(name, i, namespace):
         if name in namespace:
             return namespace[name]  # Ultralytics' own name always wins
-        _import_blocks()
-        if name in BLOCKS:
+        if name in BLOCKS:  # the registry imports the block families on its first lookup
             return BLOCKS.get(name).cls
         raise UnknownBlockError(f"model YAML layer {i}: {BLOCKS.unknown_message(name)}")
 
@@ -44,6 +45,7 @@ class ParseHooks:
         entry = BLOCKS.find_class(m)
         if entry is None:
             return ch[f], args, n  # stock behaviour for every non-plugin module
+        scale = d.get(SCALE_KEY, scale)  # the letter the YAML names, not apply_c3k_scales' alias
         spec = LayerSpec(i, f, n, list(args), ch, width, max_channels, scale, entry.name, d, legacy)
         try:
             return entry.channels(spec)
@@ -51,10 +53,6 @@ class ParseHooks:
             raise
         except Exception as err:  # a rule's stray IndexError/TypeError/ZeroDivisionError... becomes the package's error
             raise ModelBuildError(f"model YAML layer {i} ({entry.name}, from={f}, args={args}): {err}") from err
-
-
-def _import_blocks():
-    import so_det_ultra.nn  # noqa: F401  (registers every block family)
 
 
 def _is_globals_subscript(node):
@@ -139,9 +137,9 @@ def apply_c3k_scales(d: dict) -> dict:
         return d
     d = copy.deepcopy(d)
     if scale in (d.get("scales") or {}):
-        alias = f"{scale}*"  # not a letter Ultralytics special-cases
+        alias = f"{scale}*"  # not a letter Ultralytics special-cases; channel rules see the true one (SCALE_KEY)
         d["scales"] = {**d["scales"], alias: d["scales"][scale]}
-        d["scale"] = alias
+        d["scale"], d[SCALE_KEY] = alias, scale
     if scale in wanted:
         for row in d.get("backbone", []) + d.get("head", []):
             if row[2] == "C3k2":
@@ -191,6 +189,7 @@ def wrap_parse_model(parse):
     @functools.wraps(parse)
     def parse_model(d, ch, verbose=True):
         check_scale(d)
+        check_yaml(d, parse.__globals__)  # empty sections; plugin YAMLs: a plain nn.<Name>(...) activation
         try:
             return parse(apply_c3k_scales(d), ch, verbose)
         except (ModelBuildError, UnknownBlockError):

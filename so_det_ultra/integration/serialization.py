@@ -1,27 +1,21 @@
-"""Safe (weights-only) checkpoint loading: every registered so-det-ultra class goes on torch's allow-list."""
+"""Safe (weights-only) checkpoint loading: every class of :data:`so_det_ultra.registry.SAFE_GLOBALS` goes on torch's
+allow-list, now and whenever one is registered later (losses register when a ``loss:`` is first built).
+
+Both steps are ledger changes, so ``uninstall()`` undoes them with everything else: the subscription to the allow-list
+(a ``callback`` appended to ``SAFE_GLOBALS.subscribers``) and each class put on torch's list (a ``safe global``).
+"""
 
 from __future__ import annotations
 
-from so_det_ultra.registry import BLOCKS, LOSSES
-
-_subscriber = {"fn": None}  # the registry subscription of the current install(), removed by uninstall()
+from so_det_ultra.registry import SAFE_GLOBALS
 
 
 def install(ledger):
-    """Allow-list registered classes now and any registered later (losses register when a ``loss:`` is first built)."""
-    import so_det_ultra.nn  # noqa: F401  (registers every block family)
+    """Allow-list the registered classes now and any registered later."""
 
-    def allow(entry):
-        ledger.add_safe_global(entry.cls)
+    def allow(cls):
+        ledger.add_safe_global(cls)
 
-    _subscriber["fn"] = allow
-    BLOCKS.subscribe(allow)
-    LOSSES.subscribe(allow)
-
-
-def uninstall():
-    """Stop allow-listing newly registered classes (the ledger removes the ones already added)."""
-    fn, _subscriber["fn"] = _subscriber["fn"], None
-    if fn is not None:
-        BLOCKS.unsubscribe(fn)
-        LOSSES.unsubscribe(fn)
+    ledger.append(SAFE_GLOBALS.subscribers, allow, "so_det_ultra.registry.SAFE_GLOBALS.subscribers")
+    for cls in SAFE_GLOBALS.classes():  # imports the block families on first use
+        allow(cls)

@@ -7,7 +7,7 @@ takes the defaults::
 
     loss:
       type: BetterSampling
-      st: {beta: 0.73, theta: 6.0}                       # eqs. 12-15
+      st: {beta: 0.73, theta: 6.0, s: predicted}        # eqs. 12-15 (s: predicted | target)
       sr: {alpha: 0.5, gamma: 1.5}                       # eqs. 16-21
       spr: {eta: [1.5, 1.3, 1.2, 1.1, 1.05, 1.0], w_offset: 1.0, w_atten: 1.0}   # eqs. 5-6
 
@@ -29,7 +29,8 @@ from ultralytics.utils.metrics import bbox_iou
 from so_det_ultra.nn.detr import SAMPLING_KEY, SamplingRTDETRDecoder
 from so_det_ultra.registry import register_loss
 
-ST_DEFAULTS = {"beta": 0.73, "theta": 6.0}
+ST_DEFAULTS = {"beta": 0.73, "theta": 6.0, "s": "predicted"}
+ST_S = ("predicted", "target")  # what ``s`` of eq. 15 is: the predicted confidence (eqs. 2, 19) or the target (1)
 SR_DEFAULTS = {"alpha": 0.5, "gamma": 1.5}
 SPR_DEFAULTS = {"eta": (1.5, 1.3, 1.2, 1.1, 1.05, 1.0), "w_offset": 1.0, "w_atten": 1.0}
 
@@ -45,13 +46,17 @@ def scale_aligned_target(
 
     ``u = IoU(pred, gt)``, ``rho = area(pred) / area(gt)``, ``v = exp(-theta * (sqrt(rho) - 1)^2)``.
 
-    Interpretation: ``s`` in eq. 15 is the classification target (1 for the object's class), so ``beta = 1`` gives
-    ``t = IoU``, the IoU-aware varifocal target Ultralytics' RT-DETR uses; hence ``t <= s`` always.
+    ``s`` of eq. 15 is the prediction confidence: eq. 2 defines ``s_i = H^cls(z_i)``, the classification head's
+    output for query ``i``, and sec. 4.3 (eq. 19) calls ``s`` "prediction confidence" beside the target confidence
+    ``t``. :class:`BetterSampling` passes the predicted probability of the object's class (``st: {s: predicted}``,
+    the default), detached. ``st: {s: target}`` passes ``s = 1`` (the classification target), an earlier reading
+    in which ``beta = 1`` gives ``t = IoU``, the IoU-aware varifocal target of Ultralytics' RT-DETR. Either way
+    ``t <= s``.
 
     Args:
         pred_xywh (torch.Tensor): (N, 4) predicted boxes, normalised xywh. gt_xywh (torch.Tensor): (N, 4) matched gts.
         beta (float): Weight of IoU vs. scale agreement, in [0, 1]. theta (float): Sharpness of the scale term (>= 0).
-        s (float | torch.Tensor): Classification target.
+        s (float | torch.Tensor): Prediction confidence per row (N,), or a scalar (1 for the target reading).
 
     Returns:
         (torch.Tensor): (N,) targets in [0, s], without gradient.
@@ -60,6 +65,7 @@ def scale_aligned_target(
     u = bbox_iou(pred_xywh, gt_xywh, xywh=True).squeeze(-1).clamp(0, 1)
     rho = pred_xywh[:, 2:].prod(-1).clamp(min=0) / gt_xywh[:, 2:].prod(-1).clamp(min=1e-12)
     v = torch.exp(-theta * (rho.sqrt() - 1) ** 2)
+    s = s.detach() if isinstance(s, torch.Tensor) else s
     return u.pow(beta) * v.pow(1 - beta) * s
 
 
@@ -142,7 +148,9 @@ class BetterSampling(RTDETRDetectionLoss):
         L_cls = [ sum_pos q_i BCE(p_i, t_i) + alpha sum_neg p^gamma BCE(p, 0) ] / num_gts * gain_class     (VFL)
         L_l1  = sum_pos r_reg,i |b_i - b^_i|_1 / num_gts * gain_bbox,   L_giou likewise * gain_giou
 
-    - **ST** (``st``): ``t_i`` = :func:`scale_aligned_target` instead of IoU; ``q_i = t_i`` (eq. 15 in VFL, eq. 3).
+    - **ST** (``st``): ``t_i`` = :func:`scale_aligned_target` instead of IoU; ``q_i = t_i`` (eq. 15 in VFL, eq. 3),
+      with ``s`` the positive's predicted probability of its object's class (``st.s: predicted``, default) or 1
+      (``st.s: target``).
     - **SR** (``sr``): positives' ``q_i = r_cls,i`` and box terms weighted by ``r_reg,i`` (eqs. 19-21), on the
       decoder layers' object queries; negatives keep ``alpha p^gamma`` with the paper's ``alpha = 0.5, gamma = 1.5``
       (everywhere, as the paper's Table 6 tunes them with SR). Without SR, ``r = 1`` and Ultralytics'
@@ -203,14 +211,26 @@ class BetterSampling(RTDETRDetectionLoss):
                 "BetterSampling sr/spr read the decoder's sampling records from the denoising metadata, which exists "
                 f"only with denoising queries; the decoder has nd={head.num_denoising}, set nd > 0 (RT-DETR: 100)"
             )
-        if self.st and not (0 <= self.st["beta"] <= 1 and self.st["theta"] >= 0):
-            raise ValueError(f"BetterSampling st needs 0 <= beta <= 1 and theta >= 0, got {self.st}")
+        if self.st and not (0 <= self.st["beta"] <= 1 and self.st["theta"] >= 0 and self.st["s"] in ST_S):
+            raise ValueError(f"BetterSampling st needs 0 <= beta <= 1, theta >= 0 and s in {ST_S}, got {self.st}")
         if self.spr:
             eta, ndl = [float(e) for e in self.spr["eta"]], head.num_decoder_layers
             if len(eta) < ndl or min(eta) < 1:
                 raise ValueError(
                     f"BetterSampling spr.eta needs >= {ndl} values (one per decoder layer), all >= 1; got {eta}"
                 )
+
+    def _target(self, pb: torch.Tensor, gb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Positives' target scores: ST's ``t`` (eq. 15) with ``s`` per ``st.s``, or plain IoU with ST off.
+
+        Args:
+            pb, gb (torch.Tensor): (n, 4) matched predicted and ground-truth boxes (xywh). logits (torch.Tensor): (n,)
+                the positives' logits of their object's class.
+        """
+        if not self.st:
+            return bbox_iou(pb.detach(), gb, xywh=True).squeeze(-1)
+        s = logits.detach().float().sigmoid() if self.st["s"] == "predicted" else 1.0
+        return scale_aligned_target(pb, gb, beta=self.st["beta"], theta=self.st["theta"], s=s)
 
     def forward(self, preds, batch, dn_bboxes=None, dn_scores=None, dn_meta=None):
         """Same inputs and outputs as ``RTDETRDetectionLoss.forward``, plus ``loss_offset``/``loss_atten`` with SPR.
@@ -274,7 +294,7 @@ class BetterSampling(RTDETRDetectionLoss):
         bs, nq, nc = pred_scores.shape
         n = len(gb)
 
-        t = scale_aligned_target(pb, gb, **self.st) if self.st else bbox_iou(pb.detach(), gb, xywh=True).squeeze(-1)
+        t = self._target(pb, gb, pred_scores[idx[0], idx[1], gc])
         one_hot = torch.zeros((bs, nq, nc), device=pred_scores.device)
         one_hot[idx[0], idx[1], gc] = 1.0
         q = torch.zeros((bs, nq, nc), device=pred_scores.device)

@@ -3,7 +3,8 @@
 Source: Liu et al., "ESOD: Efficient Small Object Detection on High-Resolution Images", IEEE Transactions on Image
 Processing 2024 (arXiv 2407.16424), sec. 3; official code github alibaba/esod. Per ground-truth box an elliptical
 Gaussian, 1 at the centre and 0.5 at the box edge, zero below 0.5, max-pooled to stride 8; ignored regions are neither
-positive nor negative; loss = BCE(heatmap) x 0.2 added to the detector loss. Summary: docs/highres.md.
+positive nor negative; loss = BCE(heatmap) x 0.2 added to YOLOv5's detection loss (ours: x ``gain`` added to
+Ultralytics' v8 loss, the seeker's gradient share matched). Summary: docs/highres.md.
 
 Per-cell weights (official ``scripts/data_prepare.py``, ``gen_mask``; the BCE in ``utils/loss.py``,
 ``compute_loss_seg``): every cell an object's Gaussian covers weighs ``1 + ln(max(r_size, r_cls))``, the map keeping
@@ -19,12 +20,12 @@ The pixel weights are max-pooled to stride 8 with the target (``utils/datasets.p
 np.max)``), and the BCE is the mean over cells of ``weight * bce`` (``F.binary_cross_entropy_with_logits(p, masks,
 weight=weight)``).
 
-Select it from a model YAML (the shared ``loss:`` mechanism, ``so_det_ultra/integration/losses.py``); the model's head
+Select it from a model YAML (the shared ``loss:`` mechanism, :mod:`so_det_ultra.losses.config`); the model's head
 must be :class:`~so_det_ultra.nn.esod.SeekerDetect`, which hands the seeker's logits to the loss as ``preds["seek"]``::
 
     loss:
       type: ESODLoss
-      gain: 0.2
+      gain: 4.0            # the official 0.2 rescaled to Ultralytics' detection-loss gains (docs/highres.md)
       weights: official    # or none: plain BCE
       cls_ratio: null      # null: from the training labels at train start; or a list, one value per class
 """
@@ -45,6 +46,19 @@ AREA_MIN = 4 * 4 * 100  # px in a 1920x1080 frame (official scripts/data_prepare
 REF_FRAME = (1920, 1080)  # the frame object areas are rescaled to (gen_mask: `* (1920 * 1080)`)
 CLS_POWER = 0.7  # r_cls = cls_ratio ** 0.7 (gen_mask)
 WEIGHTS = ("official", "none")
+AREA_KEY = "esod_area"  # batch key: per image, (n, 2) object and frame areas in original-image pixels
+
+
+def batch_areas(batch: dict) -> torch.Tensor | None:
+    """(N, 2) original-image object and frame areas of a collated batch, in ``batch["cls"]`` order, or None.
+
+    Ultralytics' data loader fills ``batch["esod_area"]`` (a tuple of one (n, 2) tensor per image) through the
+    integration's dataset patch (:mod:`so_det_ultra.training.frames`).
+    """
+    areas = batch.get(AREA_KEY)
+    if areas is None:
+        return None
+    return torch.cat(list(areas)) if isinstance(areas, (list, tuple)) else areas
 
 
 def class_ratio(counts) -> list[float]:
@@ -65,6 +79,7 @@ def box_weights(
     cls_ratio=None,
     area_min: float = AREA_MIN,
     cls_power: float = CLS_POWER,
+    area: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Official heatmap weight ``1 + ln(max(r_size, r_cls))`` of each box (N,).
 
@@ -75,15 +90,18 @@ def box_weights(
         boxes (torch.Tensor): (N, 4) xyxy boxes in pixels. cls (torch.Tensor): (N,) class indices.
         frame_area (float): Area in the same pixels of the frame the boxes belong to (rescaled to 1920x1080).
         cls_ratio (Sequence[float], optional): Per-class ratio (``max count / count``).
+        area (torch.Tensor, optional): (N,) box areas already in 1920x1080 pixels (the original frame's, see
+            :func:`frame_areas`); then ``boxes`` and ``frame_area`` are not used for the size.
 
     Example:
         >>> w = box_weights(torch.tensor([[0., 0., 10., 10.]]), torch.tensor([0]), 1920 * 1080)
         >>> round(w.item(), 3)  # 1 + ln((1600 / 100) ** 2)
         6.545
     """
-    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3)
-    area = wh.prod(1) / frame_area * (REF_FRAME[0] * REF_FRAME[1])
-    r = (area_min / area).clamp(min=1.0) ** 2
+    if area is None:
+        wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3)
+        area = wh.prod(1) / frame_area * (REF_FRAME[0] * REF_FRAME[1])
+    r = (area_min / area.to(boxes.device).float().clamp(min=1e-6)).clamp(min=1.0) ** 2
     if cls_ratio is not None and len(cls):
         ratio = torch.as_tensor(cls_ratio, dtype=r.dtype, device=r.device)
         idx = cls.long().view(-1)
@@ -161,24 +179,30 @@ def _axis_gauss(edges, stride, c, sig):
     return torch.exp(-0.5 * ((nearest - c) / sig) ** 2)
 
 
+def frame_areas(areas: torch.Tensor, frame_area: float | None = None) -> torch.Tensor:
+    """(N,) object areas in 1920x1080 pixels from (N, 2) original-image ``[object area, frame area]`` rows.
+
+    ``area = w * h / (width * height) * (1920 * 1080)`` (``gen_mask``) with the original frame's ``width * height``,
+    or ``frame_area`` when given (training images that are crops of larger frames).
+    """
+    frame = areas[:, 1] if frame_area is None else torch.full_like(areas[:, 1], float(frame_area))
+    return areas[:, 0] / frame.clamp(min=1.0) * (REF_FRAME[0] * REF_FRAME[1])
+
+
 def _seeker_head(model):
     """The model's SeekerDetect head, checked to read the model's one ObjectSeeker layer; ValueError otherwise."""
-    from so_det_ultra.nn.esod import ObjectSeeker, SeekerDetect
+    from so_det_ultra.nn.esod import SeekerDetect
+    from so_det_ultra.nn.graph import seeker_index, sources
 
-    seekers = [m.i for m in model.modules() if isinstance(m, ObjectSeeker)]
-    if len(seekers) != 1:
-        raise ValueError(
-            f"ESODLoss needs a model with exactly one ObjectSeeker layer, found {len(seekers)}; "
-            "add `- [<P3 layer>, 1, ObjectSeeker, []]` to the model YAML (see so-det-esod.yaml)"
-        )
+    k = seeker_index(
+        model, "ESODLoss", "add `- [<P3 layer>, 1, ObjectSeeker, []]` to the model YAML (so-det-esod.yaml)"
+    )
     head = model.model[-1]
-    last = head.f[-1] if isinstance(head.f, (list, tuple)) else head.f
-    last = head.i + last if last < 0 else last
-    if not isinstance(head, SeekerDetect) or last != seekers[0]:
+    if not isinstance(head, SeekerDetect) or sources(head)[-1] != k:
         raise ValueError(
             f"ESODLoss reads the seeker's logits from the head's predictions, so the head must be SeekerDetect with "
-            f"the ObjectSeeker (layer {seekers[0]}) as its last input; got {type(head).__name__} from={head.f}. "
-            f"Write the head row as `- [[<P2>, <P3>, <P4>, {seekers[0]}], 1, SeekerDetect, [nc]]` "
+            f"the ObjectSeeker (layer {k}) as its last input; got {type(head).__name__} from={head.f}. "
+            f"Write the head row as `- [[<P2>, <P3>, <P4>, {k}], 1, SeekerDetect, [nc]]` "
             "(see so-det-esod.yaml)"
         )
     return head
@@ -194,37 +218,44 @@ class ESODLoss(v8DetectionLoss):
     box/cls/dfl and, like them, multiplied by the batch size in the returned sum. The heatmap's stride is the input
     size over the logits' size (8 for the shipped models).
 
-    Patch training (:mod:`so_det_ultra.highres.train`): when ``preds`` carries ``"patch_origin"``, the detection terms
+    Patch training (:mod:`so_det_ultra.training.esod`): when ``preds`` carries ``"patch_origin"``, the detection terms
     score the patches (each object goes to the patch holding its centre, in that patch's pixels) and are scaled by the
     number of images, not of patches, as the official loss (``loss * bs``, ``bs`` the image batch); the heatmap term
     stays on the full-frame logits.
 
     Ignored regions: Ultralytics' data loader carries none, so with the stock trainer every unmarked cell is negative
-    (convert VisDrone with ``--mask-ignored`` to grey them out of the images instead, as ESOD does). A dataset that
-    adds ``batch["ignore"]`` (a list with one (M, 4) normalised xywh tensor per image) gets them honoured.
+    (paint them out of the images when converting, as ESOD does: ``convert_visdrone(..., mask_ignored=True,
+    mask_style="esod")``). A dataset that adds ``batch["ignore"]`` (a list with one (M, 4) normalised xywh tensor per
+    image) gets them honoured.
 
     Interpretations (the official code works on whole frames at pixel resolution):
         - a box's area is ``w * h`` of its real-valued box (the official rounds the box outward to whole pixels first);
-        - the frame the area is rescaled from is the network input (``frame_area=None``: exact when training on whole
-          frames, the official recipe); training on native-resolution crops of ~1080p frames wants
-          ``frame_area: 2073600`` (the area in input pixels, as if they were 1080p pixels);
+        - the area is that of the object in its original image, relative to that image (``gen_mask``), whatever the
+          augmentation: the stock trainer's batches carry it (``batch["esod_area"]``,
+          :mod:`so_det_ultra.training.frames`); ``frame_area`` given replaces the original image's area (training
+          images that are native-resolution crops of ~1080p frames want ``frame_area: 2073600``). A batch without
+          ``esod_area`` (a loss called outside the trainer) measures the boxes in the network input instead;
         - ``cls_ratio`` left out is computed from the training labels when training starts (a callback,
-          :func:`so_det_ultra.highres.train.on_train_start`); without it (a loss built outside the trainer) every class
+          :func:`so_det_ultra.training.esod.set_class_ratio`); without it (a loss built outside the trainer) every class
           has ratio 1.
 
     Args:
         model: The DetectionModel (one ObjectSeeker, a SeekerDetect head reading it). gain (float): Weight of the
-            heatmap term (0.2). tal_topk (int): Top-k of the task-aligned assigner (Ultralytics' default 10).
+            heatmap term: 4.0, the official 0.2 (``utils/loss.py`` line 189) rescaled so the seeker's share of the
+            backbone gradient next to Ultralytics' v8 gains matches the official one next to YOLOv5's (measured with
+            ``benchmarks/esod_recipe.py balance``).
+        tal_topk (int): Top-k of the task-aligned assigner (Ultralytics' default 10).
         weights (str): ``official`` (per-cell weights above) or ``none`` (plain BCE).
         cls_ratio (list[float], optional): Per-class ratio ``max count / count``; None: from the training labels.
         area_min (float): ``area_min`` of ``r_size`` in 1920x1080 pixels (official 1600).
-        frame_area (float, optional): Area (input pixels) of the frame box areas are rescaled from; None: the input.
+        frame_area (float, optional): Area (original-image pixels) of the frame box areas are rescaled from; None: the
+            original image's (the network input's for a batch without ``esod_area``).
     """
 
     def __init__(
         self,
         model,
-        gain: float = 0.2,
+        gain: float = 4.0,
         tal_topk: int = 10,
         weights: str = "official",
         cls_ratio=None,
@@ -247,7 +278,6 @@ class ESODLoss(v8DetectionLoss):
         self.cls_ratio_given = cls_ratio is not None
         self.area_min = float(area_min)
         self.frame_area = frame_area
-        self.epoch, self.epochs = 0, None  # set by the training callbacks; patch training's warm-up reads them
 
     def set_class_counts(self, counts):
         """Set ``cls_ratio`` from per-class label counts (``max / count``), unless the YAML gave it."""
@@ -292,8 +322,7 @@ class ESODLoss(v8DetectionLoss):
         boxes = xywh2xyxy(batch["bboxes"].to(self.device).float()) * scale
         idx = batch["batch_idx"].to(self.device).long().view(-1)
         cls = batch["cls"].to(self.device).view(-1)
-        frame = float(self.frame_area or imgsz.prod())
-        bw = box_weights(boxes, cls, frame, self.cls_ratio, self.area_min) if self.weights == "official" else None
+        bw = self.object_weights(batch, boxes, cls, imgsz) if self.weights == "official" else None
         ignores = batch.get("ignore")
         out = [
             heatmap_target(
@@ -308,6 +337,15 @@ class ESODLoss(v8DetectionLoss):
         target = torch.stack([t for t, _ in out])[:, None]
         weight = torch.stack([w for _, w in out])[:, None]
         return target, weight
+
+    def object_weights(self, batch: dict, boxes: torch.Tensor, cls: torch.Tensor, imgsz) -> torch.Tensor:
+        """(N,) official weight of each object of ``batch``, from its original-frame area when the batch carries it."""
+        areas = batch_areas(batch)
+        if areas is not None and len(areas) == len(boxes):
+            area = frame_areas(areas.to(self.device).float(), self.frame_area)
+            return box_weights(boxes, cls, 1.0, self.cls_ratio, self.area_min, area=area)
+        frame = float(self.frame_area or torch.as_tensor(imgsz).prod())
+        return box_weights(boxes, cls, frame, self.cls_ratio, self.area_min)
 
 
 def patch_batch(batch: dict, origin: torch.Tensor, size: tuple[int, int]) -> dict:

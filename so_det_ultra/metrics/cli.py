@@ -38,9 +38,12 @@ def run(a) -> int:
     from ultralytics.data.utils import check_det_dataset
 
     from so_det_ultra.data.contract import SO_DET_KEY, so_det_hint
-    from so_det_ultra.metrics.coco import evaluate_dataset, load_predictions, protocol_from_data
+    from so_det_ultra.metrics.evaluate import evaluate_dataset
+    from so_det_ultra.metrics.predictions import load_predictions
+    from so_det_ultra.metrics.protocol import protocol_from_data
 
     try:
+        json_out, plot_out = output_paths(a.json, a.plot)
         data = check_det_dataset(a.data)
         protocol = protocol_from_data(data)
         if protocol is None:
@@ -56,12 +59,37 @@ def run(a) -> int:
         print(f"so-det eval: error: {err}", file=sys.stderr)
         return 2
     print(result.table(per_class=True))
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result.as_dict(), indent=2))
-        print(f"wrote {a.json}")
-    if a.plot:
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.as_dict(), indent=2))
+        print(f"wrote {json_out}")
+    if plot_out:
         from so_det_ultra.metrics.plots import plot_ap
 
-        print(f"wrote {plot_ap(result, a.plot)}")
+        print(f"wrote {plot_ap(result, plot_out)}")
     return 0
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # formats matplotlib writes without extra packages
+
+
+def output_paths(json_arg, plot_arg):
+    """``(json, plot)`` output paths checked before anything is computed; ValueError naming the option otherwise.
+
+    A folder (or a path under a file) is refused; a plot name without one of :data:`PLOT_SUFFIXES` gets ``.png``
+    appended (what matplotlib would write), and that is the name reported.
+    """
+    out = []
+    for flag, arg, example in (("--json", json_arg, "ap.json"), ("--plot", plot_arg, "ap.png")):
+        if not arg:
+            out.append(None)
+            continue
+        path = Path(arg)
+        if path.is_dir():
+            raise ValueError(f"{flag} {arg} is a folder; give a file name, e.g. {path / example}")
+        if any(p.exists() and not p.is_dir() for p in path.parents):
+            raise ValueError(f"{flag} {arg}: a parent of it is a file, not a folder; choose another path")
+        if flag == "--plot" and path.suffix.lower() not in PLOT_SUFFIXES:
+            path = path.with_name(path.name + ".png")
+        out.append(path)
+    return tuple(out)

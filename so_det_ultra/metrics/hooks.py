@@ -1,24 +1,12 @@
 """Ultralytics callbacks: size-wise APs in ``yolo val`` and in the validation of ``yolo train``.
 
-Registered in :data:`so_det_ultra.integration.callbacks.CALLBACKS` (Ultralytics' public default-callback table), so
-they run in every validator and trainer. Each does nothing unless the data YAML carries the ``so_det:`` key
-(:func:`so_det_ultra.metrics.coco.protocol_from_data`) and the task is ``detect``; other datasets are untouched.
-
-- ``on_val_start``: raises ``max_det`` to ``so_det.max_det`` when it is still Ultralytics' default (300) -- the same
-  "explicit or default" test Ultralytics' own ``DetectionValidator._check_max_det`` uses, so ``max_det=...`` given
-  by the user wins (an explicit 300 cannot be told from the default). Turns on ``save_json`` so that the validator
-  collects its COCO-format predictions (``validator.jdict``); Ultralytics does the same for COCO and LVIS.
-- ``on_val_start`` also warns when ``imgsz`` differs from the protocol's ``so_det.imgsz`` (SODA-D: each 800 px tile
-  is fed at 1200); the dataloader is built before this event, so it cannot change it.
-- ``on_val_end``: evaluates ``validator.jdict`` against the split's labels + sidecars (for a tiled split, the
-  detections are first moved to the original images and merged: :mod:`so_det_ultra.metrics.tiles`), prints the
-  table under Ultralytics' one, writes ``so_det_metrics.json`` and appends a row to ``so_det_metrics.csv`` in the
-  run folder, draws ``so_det_ap.png`` when ``plots`` is on, and attaches the numbers to ``validator.metrics.so_det``
-  (what ``model.val()`` returns).
-- ``on_fit_epoch_end`` (trainer): adds ``so_det/AP...`` to ``trainer.metrics`` (seen by logger integrations that
-  run after it) and to the epoch's row of ``results.csv`` (the trainer writes that row before this event; the
-  callback appends the columns), and a row with the epoch to ``so_det_metrics.csv``. ``on_train_epoch_end`` removes
-  the keys from ``trainer.metrics`` again (see there).
+Registered through :data:`so_det_ultra.integration.callbacks.CALLBACKS` (Ultralytics' public default-callback table);
+each does nothing unless the data YAML carries the ``so_det:`` key and the task is ``detect``. The flow of one
+``yolo val`` (docs/architecture.md, "Metrics flow"): ``on_val_start`` sets ``max_det`` and ``save_json``;
+``on_val_end`` reads the split's ground truth once per validator (:mod:`.truth`), scores ``validator.jdict``
+(:func:`.evaluate.evaluate_split`), prints the table and writes ``so_det_metrics.json``/``.csv`` and ``so_det_ap.png``;
+``on_fit_epoch_end`` adds the ``so_det/AP...`` columns to the trainer's metrics and ``results.csv`` row, and
+``on_train_epoch_end`` takes them out of ``trainer.metrics`` again. Details: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -28,8 +16,9 @@ import json
 import math
 
 from so_det_ultra.data.contract import sidecar_folder
-from so_det_ultra.metrics.coco import protocol_from_data
-from so_det_ultra.metrics.tiles import evaluate_split, load_eval_truth
+from so_det_ultra.metrics.evaluate import evaluate_split
+from so_det_ultra.metrics.protocol import protocol_from_data
+from so_det_ultra.metrics.truth import load_eval_truth
 
 PREFIX = "so_det/"
 
@@ -43,6 +32,10 @@ def _protocol(validator):
 
 
 def on_val_start(validator):
+    """Raise ``max_det`` to ``so_det.max_det`` while it is Ultralytics' default (the "explicit or default" test of
+    Ultralytics' ``DetectionValidator._check_max_det``: a ``max_det`` the user gives wins), turn on ``save_json`` (the
+    predictions we score, ``validator.jdict``) and warn when ``imgsz`` is not the protocol's (the dataloader exists
+    already, so it cannot be changed here)."""
     p = _protocol(validator)
     if p is None:
         return
@@ -63,19 +56,55 @@ def on_val_start(validator):
 
 
 def on_val_end(validator):
+    """Score ``validator.jdict`` against the split's ground truth, report and save the result.
+
+    The numbers go to the log, ``so_det_metrics.json`` (and, outside training, a row of ``so_det_metrics.csv``),
+    ``so_det_ap.png`` with ``plots``, ``validator.metrics.so_det`` (what ``model.val()`` returns) and
+    ``validator.so_det_pending`` (for :func:`on_fit_epoch_end`). A failure is a warning: it must not end a training run.
+    """
     p = _protocol(validator)
     if p is None:
         return
     from ultralytics.utils import LOGGER
 
     try:
-        result = _evaluate(validator, p)
+        names = ["object"] if validator.args.single_cls else validator.data.get("names")
+        result = evaluate_split(_truth(validator, p), validator.jdict, p, names)
     except Exception as err:  # a metrics bug must not end a long training run; say so loudly instead
         LOGGER.warning(f"so-det: size-wise evaluation failed: {type(err).__name__}: {err}")
         return
     LOGGER.info(result.table(per_class=validator.args.verbose and not validator.training))
-    values = result.as_dict()
-    save_dir = validator.save_dir
+    _save(validator, result)
+    validator.so_det_pending = result.metrics  # picked up by on_fit_epoch_end when a trainer runs this validator
+
+
+def _truth(validator, p):
+    """The split's :class:`~.truth.EvalTruth`, read once per validator (not every epoch)."""
+    files = list(validator.dataloader.dataset.im_files)
+    cache = getattr(validator, "_so_det_truth", None)
+    if cache is not None and cache[0] == (files, p.tiles):
+        return cache[1]
+    data = validator.data
+    truth = load_eval_truth(
+        files, data.get("path", "."), sidecar_folder(data), bool(validator.args.single_cls), p.tiles
+    )
+    if p.tiles and not truth.n_tiles:
+        from ultralytics.utils import LOGGER
+
+        LOGGER.warning(
+            f"so-det: the {p.name} protocol runs the model on tiles, but this split holds full images; the "
+            "numbers below are for full-frame inference. Convert the split as tiles (so-det convert soda-d, "
+            "default) or set so_det: {eval: soda-d-fullframe} (docs/metrics.md)"
+        )
+    validator._so_det_truth = ((files, p.tiles), truth)
+    return truth
+
+
+def _save(validator, result):
+    """``so_det_metrics.json``, the csv row outside training, the plot, and ``validator.metrics.so_det``."""
+    from ultralytics.utils import LOGGER
+
+    values, save_dir = result.as_dict(), validator.save_dir
     (save_dir / "so_det_metrics.json").write_text(json.dumps(values, indent=2))
     if not validator.training:  # during training the row (with its epoch) is written by on_fit_epoch_end
         _append_csv(save_dir / "so_det_metrics.csv", {"epoch": "", "split": validator.args.split, **result.metrics})
@@ -88,30 +117,12 @@ def on_val_end(validator):
             LOGGER.warning(f"so-det: AP plot failed: {err}")
     if getattr(validator, "metrics", None) is not None:
         validator.metrics.so_det = values
-    validator.so_det_pending = result.metrics  # picked up by on_fit_epoch_end when a trainer runs this validator
-
-
-def _evaluate(validator, p):
-    files = list(validator.dataloader.dataset.im_files)
-    cache = getattr(validator, "_so_det_truth", None)
-    if cache is None or cache[0] != (files, p.tiles):  # labels and sidecars read once per validator, not every epoch
-        data = validator.data
-        root, single = data.get("path", "."), bool(validator.args.single_cls)
-        truth = load_eval_truth(files, root, sidecar_folder(data), single, tiles=p.tiles)
-        if p.tiles and not truth.n_tiles:
-            from ultralytics.utils import LOGGER
-
-            LOGGER.warning(
-                f"so-det: the {p.name} protocol runs the model on tiles, but this split holds full images; the "
-                "numbers below are for full-frame inference. Convert the split as tiles (so-det convert soda-d, "
-                "default) or set so_det: {eval: soda-d-fullframe} (docs/metrics.md)"
-            )
-        validator._so_det_truth = cache = ((files, p.tiles), truth)
-    names = ["object"] if validator.args.single_cls else validator.data.get("names")
-    return evaluate_split(cache[1], validator.jdict, p, names)
 
 
 def on_fit_epoch_end(trainer):
+    """Add ``so_det/AP...`` to ``trainer.metrics`` (seen by logger integrations that run after it) and to the epoch's
+    row of ``results.csv`` (written by the trainer before this event), and a row with the epoch to
+    ``so_det_metrics.csv``."""
     validator = getattr(trainer, "validator", None)
     metrics = getattr(validator, "so_det_pending", None)
     if not metrics:

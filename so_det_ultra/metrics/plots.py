@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def plot_ap(result, path) -> Path:
-    """Draw ``result`` (:class:`so_det_ultra.metrics.coco.Result`) to ``path``; bins without ground truth are blank.
+    """Draw ``result`` (:class:`so_det_ultra.metrics.evaluate.Result`) to ``path``; bins without ground truth are blank.
 
     Left: AP (0.5:0.95) over all sizes and per size bin. Right, when the protocol asks for it: AP per class.
     """

@@ -1,19 +1,13 @@
-"""so-det-ultra layers (``nn.Module`` blocks), one module per block family; importing this package registers them all.
+"""so-det-ultra layers (``nn.Module`` blocks), one module per block family; importing this package registers them all
+(the registry imports it on its first lookup: ``BLOCKS`` lists ``so_det_ultra.nn`` as its location).
 
-Owns: the blocks and their channel rules. May import torch, Ultralytics' public modules (``ultralytics.nn.modules``,
-``ultralytics.utils``) and :mod:`so_det_ultra.registry`/:mod:`so_det_ultra.channels`; never the integration layer
-(:mod:`so_det_ultra.integration`), which is what teaches Ultralytics' parser about these blocks.
-
-- :mod:`.downsample`: SpaceToDepth, ECA, CDown (SO-Det).
-- :mod:`.fusion`: SimAM, SWSConv, CGA attentions, EAFusion, WeightedConcat (SO-Det CLWA).
-- :mod:`.mrae`: MRAE (MultiResolution Attention Extractor).
-- :mod:`.efpn`: CEM, FBSM (E-FPN-BS).
-- :mod:`.sgdm`: RDConv, SGDM.
-- :mod:`.detr`: SamplingRTDETRDecoder, SampleWeightGenerator (Better Sampling).
-- :mod:`.esod`: ObjectSeeker, SeekerDetect (ESOD).
-- :mod:`.head`: FastDetect, FastDFL (Ultralytics Detect with an equal, faster DFL decode).
-
-A new family is a new module here, imported below and listed in ``__all__`` (docs/adding-a-block.md).
+Owns: the blocks and their channel rules. Imports torch, Ultralytics' public modules, :mod:`so_det_ultra.registry` and
+:mod:`so_det_ultra.channels` (``data`` is allowed too); nothing above it (docs/architecture.md). Families:
+:mod:`.downsample` (SpaceToDepth, ECA, CDown), :mod:`.fusion` (SimAM, SWSConv, CGA attentions, EAFusion,
+WeightedConcat), :mod:`.mrae` (MRAE), :mod:`.efpn` (CEM, FBSM), :mod:`.sgdm` (RDConv, SGDM), :mod:`.detr`
+(SamplingRTDETRDecoder, SampleWeightGenerator), :mod:`.esod` (ObjectSeeker, SeekerDetect), :mod:`.head` (FastDetect,
+FastDFL); :mod:`.graph` walks a built model (the seeker, ``from`` indices). A new family is a new module here,
+imported below and listed in ``__all__`` (docs/adding-a-block.md).
 """
 
 from so_det_ultra.nn.detr import SampleWeightGenerator, SamplingRTDETRDecoder

@@ -72,7 +72,7 @@ def decoder_channels(spec: LayerSpec):
     defaults = dict(zip(DECODER_ARGS, (256, 300, 4, 8, 6, 1024, 0.0, None, -1, 100, 0.5, 1.0, False)))
     kw = {**defaults, **dict(zip(DECODER_ARGS, rest))}
     table = spec.yaml.get("decoder_scales") or {}
-    over = table.get(str(spec.scale).rstrip("*"), {})
+    over = table.get(str(spec.scale), {})
     if not isinstance(over, dict) or set(over) - set(DECODER_ARGS):
         spec.fail(f"decoder_scales.{spec.scale} must map names from {DECODER_ARGS} to values, got {over!r}")
     kw.update(over)

@@ -118,7 +118,7 @@ class CDown(nn.Module):
         self.eca = ECA(c2)
         # ONNX export only: fold conv -> space-to-depth into one stride-2 conv when the stride-1 conv is narrow
         # (< 16 outputs, where ONNX Runtime's blocked CPU layout pads its channels and then reorders the full-res
-        # map; 2x faster there, slower for wider convs since the folded kernel has 16/9 of the MACs)
+        # map; slower for wider convs since the folded kernel has 16/9 of the MACs; figures: docs/models.md)
         self.fold_spd = not self.spd_first and c2 // 4 < 16 and k % 2 == 1
 
     def forward(self, x):

@@ -72,7 +72,11 @@ def channel_max(x: torch.Tensor) -> torch.Tensor:
     while x.shape[1] > 1:
         c, h = x.shape[1], x.shape[1] // 2
         m = torch.maximum(x[:, :h], x[:, h : 2 * h])
-        x = torch.cat((torch.maximum(m[:, :1], x[:, 2 * h :]), m[:, 1:]), 1) if c % 2 else m
+        if c % 2:  # no empty slice m[:, 1:] when h == 1: NCNN's Crop layer crashes on an empty blob
+            first = torch.maximum(m[:, :1], x[:, 2 * h :])
+            x = torch.cat((first, m[:, 1:]), 1) if h > 1 else first
+        else:
+            x = m
     return x
 
 
@@ -238,7 +242,32 @@ class EAFusion(nn.Module):
         return self.sws.forward_reference(self.act(self.w0 * i + p2 * x + (1 - p2) * y))
 
 
-@register_block(channels=channels.concat)
+def weighted_concat_channels(spec):
+    """Channel rule of :class:`WeightedConcat`: output channels are the inputs' sum; initial weights from the row.
+
+    Row forms (``args``): ``[]`` (all weights 1, the earlier form), ``[1]`` (Concat-style dimension, must be 1),
+    ``[1, [w_1, ..., w_k]]`` (one initial weight per input, in ``from`` order) and the keyword forms
+    ``[{weights: [...]}]`` / ``[1, {weights: [...]}]``.
+    """
+    cs, args = spec.c_ins(), list(spec.args)
+    if args and not isinstance(args[0], (list, tuple, dict)):
+        if args.pop(0) != 1:
+            spec.fail(f"concatenates along channels only: the dimension must be 1, got args={spec.args}")
+    init = args.pop(0) if args else None
+    if isinstance(init, dict):
+        if set(init) - {"weights"}:
+            spec.fail(f"the only keyword is `weights`, got {sorted(init)}")
+        init = init.get("weights")
+    numbers = isinstance(init, (list, tuple)) and all(isinstance(v, (int, float)) for v in init)
+    if args or not (init is None or (numbers and len(init) == len(cs))):
+        spec.fail(
+            f"expected [], [1] or [1, [one initial weight per input]] ({len(cs)} inputs, from={spec.f}), "
+            f"got args={spec.args}"
+        )
+    return sum(cs), [cs, None if init is None else [float(v) for v in init]], spec.n
+
+
+@register_block(channels=weighted_concat_channels)
 class WeightedConcat(nn.Module):
     """Concatenate inputs after scaling each by a learnable, non-negative, normalised weight (SO-Det CLWA links).
 
@@ -247,7 +276,14 @@ class WeightedConcat(nn.Module):
     Source: SO-Det CLWA (README, github magic524/SO-Det); the class was not released, so the form is an
     interpretation: BiFPN's fast normalised fusion (Tan et al., CVPR 2020, eq. 3) applied before concatenation.
     ``eps`` is added per weight, so the weights always sum to exactly 1, even when every v_i is negative. ``init``
-    sets v (default all ones).
+    sets v (default all ones); the model YAML gives it as ``[1, [v_1, ..., v_k]]`` (:func:`weighted_concat_channels`).
+
+    Initial weights of SO-Det: the official ``models/SO-Det.py`` builds ``WeightedConcat(dimension=1, weights=[1,
+    3])`` (line 43) and calls it on ``[z1, y1, x2]`` (line 73: the neck's downsampled P2, the neck's P3 and the
+    backbone's P3, our rows 15, 11 and 4). The two weights do not match the three inputs, and the next ``C3k2``
+    expects ``768 * width`` input channels (line 44), the width of two inputs (256w + 512w, the backbone P3 being one
+    of them). Interpretation: the backbone's cross-layer link gets 3 and each neck input 1, ``[1, [1.0, 1.0, 3.0]]``
+    in ``cfg/models/so-det.yaml``; all three inputs are concatenated, as the official forward passes them (line 73).
 
     Args:
         channels (list[int]): Channels of each input (output channels are their sum). init (list[float] | None).

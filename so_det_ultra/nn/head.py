@@ -10,17 +10,18 @@ import torch
 from ultralytics.nn.modules import Detect
 from ultralytics.nn.modules.block import DFL
 
-from so_det_ultra.registry import LayerSpec, register_block
+from so_det_ultra.registry import LayerSpec, register_block, register_safe_global
 
 
-@register_block  # not a YAML layer: registered so checkpoints holding it load under ULTRALYTICS_SAFE_LOAD=1
+@register_safe_global  # not a YAML layer: allowed so checkpoints holding it load under ULTRALYTICS_SAFE_LOAD=1
 class FastDFL(DFL):
     """DFL's expected bin, sum_k k softmax(x)_k, computed along the bin axis without a transpose (equal to ``DFL``).
 
     ``DFL`` views (B, 4 c1, A) as (B, 4, c1, A), transposes to (B, c1, 4, A) and runs a softmax over axis 1; ONNX
-    Runtime's CPU Softmax on a non-last axis transposes internally and is ~15x slower than this form over the
-    33,600 anchors of a P2 head: e = exp(x - max_k x), then one tiny matmul gives sum_k k e_k and sum_k e_k, and their
-    ratio is the expectation. Same parameters (the fixed ``conv`` holding 0..c1-1), same state dict as ``DFL``.
+    Runtime's CPU Softmax on a non-last axis transposes internally, which is slow over the 33,600 anchors of a P2
+    head (figures: docs/models.md). This form: e = exp(x - max_k x), then one tiny matmul gives sum_k k e_k and
+    sum_k e_k, and their ratio is the expectation. Same parameters (the fixed ``conv`` holding 0..c1-1), same state
+    dict as ``DFL``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 from ultralytics.nn.modules import Conv
 
 from so_det_ultra import channels
-from so_det_ultra.registry import register_block
+from so_det_ultra.registry import register_block, register_safe_global
 
 GUIDES = ("mul", "add")
 
@@ -55,7 +55,7 @@ def dynamic_conv(u: torch.Tensor, weight: torch.Tensor, cin: int, k: int) -> tor
     return F.conv2d(r, eye.view(1, k, k, 1))
 
 
-@register_block  # a sub-module of SGDM, not a YAML layer; registered so checkpoints load under safe loading
+@register_safe_global  # a sub-module of SGDM, not a YAML layer: allowed so checkpoints load under safe loading
 class RDConv(nn.Module):
     """Razor Dynamic Convolution: a kxk kernel for a ``cin``-channel map, generated per image from guide features x.
 
@@ -145,7 +145,7 @@ class SGDM(nn.Module):
 
     Channel-preserving, so it drops in after any layer: a backbone stage (``[-1, 1, SGDM, [7, 1]]`` in
     ``yolov8-sgdm.yaml``, the abstract's "backbones equipped with SGDM" at its +0.19M budget) or a neck output
-    (``[-1, 1, SGDM, []]`` in ``yolov8-sgdm-neck.yaml`` and ``so-det-sgdm.yaml``).
+    (``[-1, 1, SGDM, []]`` in ``yolov8-sgdm-neck.yaml`` and ``so-det-sgdm-neck.yaml``).
 
     Args:
         channels (int): Input = output channels. k (int): Odd kernel size (CBAM: 7). razor (int): RDConv's channel

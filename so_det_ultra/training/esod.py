@@ -1,56 +1,37 @@
-"""ESOD's patch training: the detector learns on uniform patches of the frame, as in the official recipe.
+"""ESOD's patch training: the detector learns on uniform patches of the frame, as the official recipe does.
 
 Source: Liu et al., "ESOD: Efficient Small Object Detection on High-Resolution Images", IEEE TIP 2024, sec. 3;
-official code github alibaba/esod. What the official training does (read from ``models/common.py``
-``HeatMapParser``, ``models/yolo.py`` ``Model.forward_once`` / ``Detect``, ``utils/loss.py``
-``build_patch_targets``, ``train.py``):
+official code github alibaba/esod (commit bde3571): ``models/common.py`` ``HeatMapParser.uni_slicer`` (lines
+526-567), ``models/yolo.py`` ``Model.forward_once`` (line 422), ``utils/loss.py`` ``build_patch_targets`` (line 248)
+and ``ComputeLoss.__call__`` (``loss * bs``, lines 177-191), ``train.py`` (warm-up, lines 262, 275, 307, 340).
+Recipe and options: docs/highres.md, "Training the official way".
 
-- ``HeatMapParser.uni_slicer``: in training the backbone's P3 features (after the layer the seeker reads) are cut into
-  ``ratio x ratio`` equal patches (``ratio`` 8: 64 patches per image, ``torch.chunk`` along H then W; the input must
-  be square and its P3 side a multiple of ``4 * ratio``). **Every** patch is kept, whatever the heatmap says; the rest
-  of the network runs on the batch of ``bs * 64`` patches.
-- ``build_patch_targets``: an object goes to the patch holding its centre, with its box in patch coordinates (not
-  clipped); the detection loss is multiplied by the *image* batch size (``ComputeLoss.__call__``: ``bs =
-  p_seg[0].shape[0]``). The heatmap loss stays on the seeker's full-frame output.
-- Ground-truth masks: while ``ni <= nw`` (the hyp's ``warmup_epochs`` (3.0) x batches per epoch) and ``epoch < 0.6 *
-  epochs``, ``train.py`` feeds ``model((imgs, [masks]))``: the ground-truth heatmap replaces the seeker's where a
-  heatmap is consumed. In the training forward, the uniform slicer ignores the heatmap and the sparse head is off, so
-  this changes nothing there; it decides the patches of the validation run during warm-up (``test.test(use_gt=...)``,
-  where the adaptive slicer picks patches from it).
-
-Ours, selected by the model YAML (``esod_train:``) and run by the stock ``yolo train``::
+Ours, selected by the model YAML and run by the stock ``yolo train``::
 
     esod_train:
       patch: 8            # patches per side (official ratio 8); the patch side must be a multiple of the max stride
-      warmup_epochs: 3    # ground-truth-mask patches while epoch < min(warmup_epochs, 0.6 * epochs)
-      warmup_keep: gt     # gt (ours, below) or all (the official training forward exactly)
+      warmup_epochs: 3    # warm-up epochs, counted while epoch < min(warmup_epochs, 0.6 * epochs)
+      warmup_keep: all    # all (official: every uniform patch, always) or gt (ground-truth patches during warm-up)
 
-The training forward (a recorded patch of ``DetectionModel.loss``, :mod:`so_det_ultra.integration.esod`) runs every
-layer up to the :class:`~so_det_ultra.nn.esod.ObjectSeeker` on the whole image, cuts every stem output that later
-layers read into the uniform grid (so-det-esod: backbone P2 and P3, and the seeker's logits), runs the remaining
+The training forward runs every layer up to the :class:`~so_det_ultra.nn.esod.ObjectSeeker` on the whole image, cuts
+every stem output that later layers read into the uniform grid (so-det-esod: backbone P2 and P3), runs the remaining
 layers on the patches, and hands :class:`~so_det_ultra.losses.esod.ESODLoss` the patch predictions with their origins
 and the full-frame seeker logits. Validation (eval mode) stays dense.
-
-Interpretations (the official code leaves these open or differs in structure):
-    - the cut is at the seeker's input (backbone P3), as ``HeatMapParser`` cuts layer 4; so-det-esod's neck also reads
-      backbone P2, which is cut at the same patch borders;
-    - "ground-truth-mask patches during warm-up" (``warmup_keep: gt``): during the warm-up epochs only the patches in
-      which the ground-truth heatmap (:func:`~so_det_ultra.losses.esod.heatmap_target` >= 0.5) marks a cell are
-      trained on, i.e. the patches a perfect seeker would hand the detector; afterwards every patch, as the official
-      uniform slicer. A batch without objects keeps every patch. ``warmup_keep: all`` is the official forward;
-    - warm-up counts whole epochs (the official counts batches, ``ni <= nw``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from so_det_ultra.highres.sparse import _inputs, _sources
-from so_det_ultra.nn.esod import SEEK_KEY, ObjectSeeker
+from so_det_ultra.losses.config import loss_config
+from so_det_ultra.losses.esod import ESODLoss, heatmap_target
+from so_det_ultra.nn.esod import SEEK_KEY
+from so_det_ultra.nn.graph import layer_inputs, run_layers, seeker_index, stem_reads
 
 KEY = "esod_train"  # model-YAML key
-DEFAULTS = {"patch": 8, "warmup_epochs": 3, "warmup_keep": "gt"}
-KEEP = ("gt", "all")
+DEFAULTS = {"patch": 8, "warmup_epochs": 3, "warmup_keep": "all"}
+KEEP = ("all", "gt")
 
 
 def train_config(model) -> dict | None:
@@ -75,11 +56,21 @@ def train_config(model) -> dict | None:
     return cfg
 
 
+def describe(cfg: dict) -> str:
+    """One line saying what the training forward does with ``cfg`` (logged when training starts)."""
+    warm = (
+        f"ground-truth patches only in the first {cfg['warmup_epochs']} epochs, then all"
+        if cfg["warmup_keep"] == "gt"
+        else "all kept in every epoch"
+    )
+    return f"{cfg['patch']}x{cfg['patch']} uniform patches per image ({warm}); validation dense"
+
+
 def uniform_origins(batch_size: int, hw: tuple[int, int], grid: int, max_stride: int) -> tuple[torch.Tensor, tuple]:
     """(B * grid^2, 3) ``image, y0, x0`` of the uniform ``grid x grid`` patches of each image, and the patch (h, w).
 
-    Patches are ordered image-major, then row, then column. The patch side must be a multiple of ``max_stride`` so the
-    deepest feature grid of a patch lines up with the frame's.
+    Patches are ordered image-major, then row, then column (``uni_slicer`` chunks rows, then columns). The patch side
+    must be a multiple of ``max_stride`` so the deepest feature grid of a patch lines up with the frame's.
     """
     h, w = hw
     if h % grid or w % grid or (h // grid) % max_stride or (w // grid) % max_stride:
@@ -102,15 +93,12 @@ def cut(t: torch.Tensor, grid: int) -> torch.Tensor:
 
 def gt_patches(batch: dict, origin: torch.Tensor, size: tuple[int, int], cell: int) -> torch.Tensor:
     """(P,) bool: patches in which the ground-truth heatmap marks a cell (all True for a batch without objects)."""
-    from ultralytics.utils.ops import xywh2xyxy
-
-    from so_det_ultra.losses.esod import heatmap_target
-
     img = batch["img"]
     h, w = img.shape[2:]
     if not len(batch["bboxes"]):
         return torch.ones(len(origin), dtype=torch.bool)
-    boxes = xywh2xyxy(batch["bboxes"].float().cpu()) * torch.tensor([w, h, w, h])
+    xywh = batch["bboxes"].float().cpu() * torch.tensor([w, h, w, h])
+    boxes = torch.cat((xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2), 1)
     idx = batch["batch_idx"].long().view(-1).cpu()
     ph, pw = size
     keep = torch.zeros(len(origin), dtype=torch.bool)
@@ -123,33 +111,34 @@ def gt_patches(batch: dict, origin: torch.Tensor, size: tuple[int, int], cell: i
     return keep
 
 
-def patch_preds(model, batch: dict, cfg: dict, criterion=None) -> dict:
+def in_warmup(cfg: dict, epoch: int, epochs: int | None) -> bool:
+    """Whether ``epoch`` (0-based) is a warm-up epoch: ``epoch < min(warmup_epochs, 0.6 * epochs)`` (train.py 275)."""
+    return epoch < min(cfg["warmup_epochs"], 0.6 * (epochs or float("inf")))
+
+
+def patch_preds(model, batch: dict, cfg: dict, epoch: int = 0, epochs: int | None = None) -> dict:
     """Training predictions of ``model`` on the uniform patches of ``batch["img"]`` (see the module docstring).
 
-    Returns the head's training dict for the patch batch plus ``"seek"`` (the full-frame logits), ``"patch_origin"``
-    ((P, 3) image, y0, x0 in pixels) and ``"patch_size"`` ((h, w) pixels), which ESODLoss reads.
+    ``epoch``/``epochs`` (the trainer's) matter only for ``warmup_keep: gt``. Returns the head's training dict for the
+    patch batch plus ``"seek"`` (the full-frame logits), ``"patch_origin"`` ((P, 3) image, y0, x0 in pixels) and
+    ``"patch_size"`` ((h, w) pixels), which ESODLoss reads.
     """
     layers = list(model.model)
-    k = _seeker_index(layers)
+    k = seeker_index(layers, "esod_train (patch training)")
     img = batch["img"]
-    y, x = [], img
-    for m in layers[: k + 1]:  # the stem on the whole image
-        x = m(_inputs(m, x, y))
-        y.append(x)
-    seek = y[k]
+    y = []
+    seek = run_layers(layers[: k + 1], img, y)  # the stem on the whole image
     max_stride = int(max(model.stride.tolist()))
     origin, size = uniform_origins(img.shape[0], tuple(img.shape[2:]), cfg["patch"], max_stride)
     keep = None
-    epoch, epochs = getattr(criterion, "epoch", 0), getattr(criterion, "epochs", None) or float("inf")
-    if cfg["warmup_keep"] == "gt" and epoch < min(cfg["warmup_epochs"], 0.6 * epochs):
+    if cfg["warmup_keep"] == "gt" and in_warmup(cfg, epoch, epochs):
         keep = gt_patches(batch, origin, size, img.shape[2] // seek.shape[2])
         origin = origin[keep]
-    rest = layers[k + 1 :]
-    needed = {j for m in rest for j in _sources(m) if j <= k}
+    needed = stem_reads(layers, k)
     crops = [_select(cut(t, cfg["patch"]), keep) if j in needed else None for j, t in enumerate(y)]
     x = crops[-1]
-    for m in rest:
-        x = m(_inputs(m, x, crops))
+    for m in layers[k + 1 :]:
+        x = m(layer_inputs(m, x, crops))
         crops.append(x)
     return {**x, SEEK_KEY: seek, "patch_origin": origin.to(img.device), "patch_size": size}
 
@@ -158,28 +147,13 @@ def _select(t, keep):
     return t if keep is None else t[keep.to(t.device)]
 
 
-def _seeker_index(layers) -> int:
-    found = [m.i for m in layers if isinstance(m, ObjectSeeker)]
-    if len(found) != 1:
-        raise ValueError(
-            f"esod_train (patch training) needs exactly one ObjectSeeker layer, found {len(found)}; "
-            "use so-det-esod-*.yaml"
-        )
-    return found[0]
-
-
 # --- trainer callbacks (registered by so_det_ultra.integration.esod) -------------------------------------------------
 
 
-def _esod_criteria(trainer):
-    """The ESODLoss criteria of the trained model and of its EMA (built if not yet), or []."""
-    from ultralytics.utils.torch_utils import unwrap_model
-
-    from so_det_ultra.integration.losses import loss_config
-    from so_det_ultra.losses.esod import ESODLoss
-
+def esod_criteria(models) -> list[ESODLoss]:
+    """The ESODLoss criteria of ``models`` (the trained model and its EMA; None skipped), built if not yet."""
     out = []
-    for m in (unwrap_model(trainer.model), getattr(getattr(trainer, "ema", None), "ema", None)):
+    for m in models:
         cfg = loss_config(m) if m is not None else None
         if not cfg or cfg.get("type") != "ESODLoss":
             continue
@@ -192,29 +166,22 @@ def _esod_criteria(trainer):
 
 def label_counts(dataset, nc: int) -> list[int]:
     """Objects per class in an Ultralytics dataset's ``labels`` (each a dict with a ``cls`` array)."""
-    import numpy as np
-
     cls = [np.asarray(lb["cls"]).reshape(-1) for lb in getattr(dataset, "labels", [])]
     cls = np.concatenate(cls).astype(int) if cls else np.zeros(0, int)
     return np.bincount(cls[(cls >= 0) & (cls < nc)], minlength=nc).tolist()
 
 
-def on_train_start(trainer):
+def set_class_ratio(criteria: list[ESODLoss], dataset) -> None:
     """ESODLoss without a YAML ``cls_ratio``: set it from the training labels (every rank reads the full label list)."""
-    criteria = _esod_criteria(trainer)
-    dataset = getattr(getattr(trainer, "train_loader", None), "dataset", None)
     if not criteria or dataset is None:
         return
     counts = label_counts(dataset, criteria[0].nc)
     for c in criteria:
         c.set_class_counts(counts)
-        c.epochs = trainer.epochs
 
 
-def on_train_epoch_start(trainer):
-    """Tell the ESODLoss criteria the epoch (patch training's warm-up reads it); carry cls_ratio to a rebuilt EMA."""
-    criteria = _esod_criteria(trainer)
-    for c in criteria:
-        c.epoch, c.epochs = trainer.epoch, trainer.epochs
+def share_class_ratio(criteria: list[ESODLoss]) -> None:
+    """Carry the first criterion's computed ``cls_ratio`` to the others (an EMA rebuilt after train start)."""
+    for c in criteria[1:]:
         if criteria[0].cls_ratio is not None and not c.cls_ratio_given:
             c.cls_ratio = criteria[0].cls_ratio

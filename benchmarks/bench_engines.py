@@ -1,0 +1,150 @@
+"""Dense, sliced (ours), SAHI's sliced predictor and ESOD sparse, each on PyTorch and on ONNX Runtime, in one run.
+
+Frames: the held-out high-resolution frames of ``../shared/data/visdrone-sample`` (as ``bench_highres.py``: every
+5th 1920x1080 and 2000x1500 image), at their own resolution. One so-det-esod checkpoint serves every row:
+
+- dense: the whole frame (letterboxed to a multiple of the stride), NMS;
+- sliced (ours): :func:`so_det_ultra.highres.sliced.sliced_predict`, ``--tile`` px tiles with 20 % overlap plus a
+  full-frame pass at ``--tile``, NMS merge at IoU 0.5;
+- SAHI: ``sahi.predict.get_sliced_prediction`` (F. C. Akyon et al., ICIP 2022; github obss/sahi) with the same
+  tiles, overlap and full-frame pass, its ``ultralytics`` model wrapper (``YOLO.predict`` per slice at
+  ``image_size=--tile``), NMS merge at IoU 0.5;
+- sparse: :func:`so_det_ultra.highres.sparse.sparse_predict` with the model's own seeker (default thresholds).
+
+PyTorch rows load the ``.pt``; ONNX Runtime rows load ``<stem>.onnx`` (``yolo export format=onnx dynamic=True``, written
+next to the checkpoint if missing) for dense, sliced and SAHI, and ``<stem>_sparse_onnx/`` (``so-det export --sparse``)
+for sparse. Times: mean wall time per frame over ``--rounds`` rounds after an untimed round (which also scores
+recall), modes interleaved per frame; fps = 1000 / mean ms. Recall: ground-truth objects >= 4 px matched at IoU 0.5.
+
+    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/bench_engines.py --weights best.pt --frames 2 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from bench_highres import SAMPLE, SIZES, ground_truth, recall, split_frames  # this folder, on sys.path as a script
+
+
+def exports(pt: Path) -> tuple[Path, Path]:
+    """``<stem>.onnx`` (dynamic shapes) and ``<stem>_sparse_onnx/`` next to ``pt``, written when missing."""
+    from ultralytics import YOLO
+
+    from so_det_ultra.highres.export import export_sparse, is_sparse_export
+
+    onnx, sparse = pt.with_suffix(".onnx"), pt.parent / f"{pt.stem}_sparse_onnx"
+    if not onnx.exists():
+        YOLO(str(pt)).export(format="onnx", dynamic=True, imgsz=640)
+    if not is_sparse_export(sparse):
+        export_sparse(pt, "onnx", sparse)
+    return onnx, sparse
+
+
+def predictors(pt: Path, a) -> dict:
+    """name -> ``fn(bgr) -> (N, 4) xyxy boxes``; each model loaded once."""
+    from so_det_ultra.highres.export import ExportedSparse
+    from so_det_ultra.highres.sliced import TileModel, sliced_predict
+    from so_det_ultra.highres.sparse import SparseModel, sparse_predict
+
+    onnx, sparse_dir = exports(pt)
+    nms = dict(conf=a.conf, max_det=a.max_det)
+    out = {}
+    for rt, model, sparse in (
+        ("PyTorch", pt, SparseModel(str(pt))),
+        ("ONNX Runtime", onnx, ExportedSparse(sparse_dir)),
+    ):
+        tm = TileModel(str(model))
+        out[f"dense / {rt}"] = lambda img, m=tm: _dense(m, img, **nms)
+        out[f"sliced (ours) / {rt}"] = lambda img, m=tm: sliced_predict(
+            m, img, tile=a.tile, overlap=0.2, imgsz=a.tile, iou=0.7, merge_iou=0.5, **nms
+        )[0].boxes.xyxy.numpy()
+        out[f"SAHI / {rt}"] = _sahi(model, a)
+        out[f"sparse / {rt}"] = lambda img, m=sparse: sparse_predict(m, img, **nms)[0].boxes.xyxy.numpy()
+    return out
+
+
+@torch.no_grad()
+def _dense(tm, img, conf, max_det):
+    from ultralytics.utils.nms import non_max_suppression
+
+    from so_det_ultra.highres import common
+
+    x = tm.letterbox(img, None)
+    det = non_max_suppression(tm(x), conf, 0.7, max_det=max_det, max_time_img=60)[0]
+    return common.to_results(det, img, "frame.jpg", tm.names, tuple(x.shape[2:])).boxes.xyxy.numpy()
+
+
+def _sahi(model: Path, a):
+    from sahi import AutoDetectionModel
+    from sahi.predict import get_sliced_prediction
+
+    m = AutoDetectionModel.from_pretrained(
+        model_type="ultralytics", model_path=str(model), device="cpu", confidence_threshold=a.conf, image_size=a.tile
+    )
+
+    def run(img):
+        res = get_sliced_prediction(
+            np.ascontiguousarray(img[..., ::-1]),  # SAHI takes RGB arrays
+            m,
+            slice_height=a.tile,
+            slice_width=a.tile,
+            overlap_height_ratio=0.2,
+            overlap_width_ratio=0.2,
+            perform_standard_pred=True,
+            postprocess_type="NMS",
+            postprocess_match_metric="IOU",
+            postprocess_match_threshold=0.5,
+            verbose=0,
+        )
+        return np.array([p.bbox.to_xyxy() for p in res.object_prediction_list], np.float32).reshape(-1, 4)
+
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="so-det-esod checkpoint (.pt)")
+    p.add_argument("--sample", default=str(SAMPLE))
+    p.add_argument("--frames", type=int, default=2, help="held-out frames per size (1920x1080, 2000x1500)")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--tile", type=int, default=640)
+    p.add_argument("--conf", type=float, default=0.25, help="Ultralytics' predict default")
+    p.add_argument("--max-det", type=int, default=300, help="Ultralytics' predict default (per pass)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (ONNX Runtime: its default, all cores)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    sample = Path(a.sample)
+    held, _ = split_frames(sample)
+    images = {q: cv2.imread(str(q)) for q in held}
+    frames = [q for hw in SIZES for q in [r for r in held if images[r].shape[:2] == hw][: a.frames]]
+    gts = [ground_truth(q.stem, sample, images[q].shape[1], images[q].shape[0])[0] for q in frames]
+    fns = predictors(Path(a.weights), a)
+    found = {k: [0, 0] for k in fns}
+    ms = {k: [] for k in fns}
+    for n, q in enumerate(frames):  # untimed round: recall and warm-up
+        for k, fn in fns.items():
+            f, t = recall(fn(images[q]), gts[n])
+            found[k] = [found[k][0] + f, found[k][1] + t]
+    for _ in range(a.rounds):
+        for q in frames:
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(images[q])
+                ms[k].append((time.perf_counter() - t0) * 1000)
+    print(f"{len(frames)} frames {sorted({images[q].shape[:2] for q in frames})}, torch threads {a.threads}")
+    print("\n| predictor / runtime | ms/frame | fps | x dense (same runtime) | recall@0.5 |\n|---|---|---|---|---|")
+    for k in fns:
+        dense = statistics.mean(ms[f"dense / {k.split(' / ')[1]}"])
+        m = statistics.mean(ms[k])
+        f, t = found[k]
+        print(f"| {k} | {m:.0f} | {1000 / m:.2f} | {dense / m:.2f}x | {100 * f / max(t, 1):.1f} % ({f}/{t}) |")
+
+
+if __name__ == "__main__":
+    main()

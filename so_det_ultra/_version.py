@@ -1,0 +1,3 @@
+"""The so-det-ultra version: written once here (hatch reads it for the wheel; checkpoints record it)."""
+
+__version__ = "0.2.0"
