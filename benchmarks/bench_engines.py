@@ -5,11 +5,13 @@ Frames: the held-out high-resolution frames of ``../shared/data/visdrone-sample`
 
 - dense: the whole frame (letterboxed to a multiple of the stride), NMS;
 - sliced (ours): :func:`so_det_ultra.highres.sliced.sliced_predict`, ``--tile`` px tiles with 20 % overlap plus a
-  full-frame pass at ``--tile``, NMS merge at IoU 0.5;
+  full-frame pass at ``--tile``, NMS merge at IoU 0.5, ``--batch`` tiles per pass (default 1, as SAHI; on a CPU a
+  batch of 640 px tiles is slower than single passes);
 - SAHI: ``sahi.predict.get_sliced_prediction`` (F. C. Akyon et al., ICIP 2022; github obss/sahi) with the same
   tiles, overlap and full-frame pass, its ``ultralytics`` model wrapper (``YOLO.predict`` per slice at
   ``image_size=--tile``), NMS merge at IoU 0.5;
-- sparse: :func:`so_det_ultra.highres.sparse.sparse_predict` with the model's own seeker (default thresholds).
+- sparse: :func:`so_det_ultra.highres.sparse.sparse_predict` with the model's own seeker (default thresholds), and
+  with an oracle heatmap drawn from the ground truth (the slicing alone, whatever the seeker's training).
 
 PyTorch rows load the ``.pt``; ONNX Runtime rows load ``<stem>.onnx`` (``yolo export format=onnx dynamic=True``, written
 next to the checkpoint if missing) for dense, sliced and SAHI, and ``<stem>_sparse_onnx/`` (``so-det export --sparse``)
@@ -30,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 from bench_highres import SAMPLE, SIZES, ground_truth, recall, split_frames  # this folder, on sys.path as a script
+from highres_efficiency import oracle_heatmap
 
 
 def exports(pt: Path) -> tuple[Path, Path]:
@@ -46,26 +49,29 @@ def exports(pt: Path) -> tuple[Path, Path]:
     return onnx, sparse
 
 
-def predictors(pt: Path, a) -> dict:
-    """name -> ``fn(bgr) -> (N, 4) xyxy boxes``; each model loaded once."""
+def predictors(pt: Path, a, gts) -> dict:
+    """name -> ``fn(n, bgr) -> (N, 4) xyxy boxes`` for frame ``n``; each model loaded once. ``gts[n]``: the (N, 5)
+    ground truth of frame ``n``, for the oracle heatmap."""
     from so_det_ultra.highres.export import ExportedSparse
     from so_det_ultra.highres.sliced import TileModel, sliced_predict
     from so_det_ultra.highres.sparse import SparseModel, sparse_predict
 
     onnx, sparse_dir = exports(pt)
     nms = dict(conf=a.conf, max_det=a.max_det)
+    runtimes = (("PyTorch", pt, SparseModel(str(pt))), ("ONNX Runtime", onnx, ExportedSparse(sparse_dir)))
+    oracle = oracle_heatmap([(g, None) for g in gts], runtimes[0][2].cell)
     out = {}
-    for rt, model, sparse in (
-        ("PyTorch", pt, SparseModel(str(pt))),
-        ("ONNX Runtime", onnx, ExportedSparse(sparse_dir)),
-    ):
+    for rt, model, sparse in runtimes:
         tm = TileModel(str(model))
-        out[f"dense / {rt}"] = lambda img, m=tm: _dense(m, img, **nms)
-        out[f"sliced (ours) / {rt}"] = lambda img, m=tm: sliced_predict(
-            m, img, tile=a.tile, overlap=0.2, imgsz=a.tile, iou=0.7, merge_iou=0.5, **nms
+        out[f"dense / {rt}"] = lambda n, img, m=tm: _dense(m, img, **nms)
+        out[f"sliced (ours) / {rt}"] = lambda n, img, m=tm: sliced_predict(
+            m, img, tile=a.tile, overlap=0.2, imgsz=a.tile, iou=0.7, merge_iou=0.5, batch=a.batch, **nms
         )[0].boxes.xyxy.numpy()
         out[f"SAHI / {rt}"] = _sahi(model, a)
-        out[f"sparse / {rt}"] = lambda img, m=sparse: sparse_predict(m, img, **nms)[0].boxes.xyxy.numpy()
+        out[f"sparse / {rt}"] = lambda n, img, m=sparse: sparse_predict(m, img, **nms)[0].boxes.xyxy.numpy()
+        out[f"sparse, oracle heatmap / {rt}"] = lambda n, img, m=sparse: sparse_predict(
+            m, img, heatmap=lambda k, path, hw, cells: oracle(n, img.shape[:2], hw, cells), **nms
+        )[0].boxes.xyxy.numpy()
     return out
 
 
@@ -88,7 +94,7 @@ def _sahi(model: Path, a):
         model_type="ultralytics", model_path=str(model), device="cpu", confidence_threshold=a.conf, image_size=a.tile
     )
 
-    def run(img):
+    def run(n, img):
         res = get_sliced_prediction(
             np.ascontiguousarray(img[..., ::-1]),  # SAHI takes RGB arrays
             m,
@@ -114,6 +120,7 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=2, help="held-out frames per size (1920x1080, 2000x1500)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--tile", type=int, default=640)
+    p.add_argument("--batch", type=int, default=1, help="sliced (ours): tiles per pass (1: fastest on a CPU)")
     p.add_argument("--conf", type=float, default=0.25, help="Ultralytics' predict default")
     p.add_argument("--max-det", type=int, default=300, help="Ultralytics' predict default (per pass)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (ONNX Runtime: its default, all cores)")
@@ -124,18 +131,18 @@ def main(argv=None):
     images = {q: cv2.imread(str(q)) for q in held}
     frames = [q for hw in SIZES for q in [r for r in held if images[r].shape[:2] == hw][: a.frames]]
     gts = [ground_truth(q.stem, sample, images[q].shape[1], images[q].shape[0])[0] for q in frames]
-    fns = predictors(Path(a.weights), a)
+    fns = predictors(Path(a.weights), a, gts)
     found = {k: [0, 0] for k in fns}
     ms = {k: [] for k in fns}
     for n, q in enumerate(frames):  # untimed round: recall and warm-up
         for k, fn in fns.items():
-            f, t = recall(fn(images[q]), gts[n])
+            f, t = recall(fn(n, images[q]), gts[n])
             found[k] = [found[k][0] + f, found[k][1] + t]
     for _ in range(a.rounds):
-        for q in frames:
+        for n, q in enumerate(frames):
             for k, fn in fns.items():
                 t0 = time.perf_counter()
-                fn(images[q])
+                fn(n, images[q])
                 ms[k].append((time.perf_counter() - t0) * 1000)
     print(f"{len(frames)} frames {sorted({images[q].shape[:2] for q in frames})}, torch threads {a.threads}")
     print("\n| predictor / runtime | ms/frame | fps | x dense (same runtime) | recall@0.5 |\n|---|---|---|---|---|")

@@ -15,9 +15,13 @@ around the whole predictor), patches or tiles (+1 full-frame pass) per frame, GT
 objects >= 4 px whose centre lies in a kept patch core, the ceiling sparse recall can reach relative to dense) and
 detection recall (IoU 0.5, objects >= 4 px, conf >= --conf).
 
+Then, per frame set (each size, and all), the ceiling and the engine's efficiency (``highres_efficiency.py``): the
+ideal speed-up the heatmap allows, the measured one and their ratio, for the oracle and the learned seeker; the
+output ends with ``engine efficiency E (oracle Sx, ideal Ix); learned Lx at recall -R pts``.
+
 Weights: without trained weights the detector finds nothing, so recall is only meaningful with ``--weights``. The
 ``train`` step fits so-det-esod on native-resolution 256 px crops of the other sample images (CPU, ~25 min), densely
-or, with ``--patch N``, with ESOD's patch training (``esod_train:``, so_det_ultra.highres.train)::
+or, with ``--patch N``, with ESOD's patch training (``esod_train:``, so_det_ultra.training.esod)::
 
     python benchmarks/bench_highres.py train --epochs 5 --out runs/highres          # writes runs/highres/train/weights
     python benchmarks/bench_highres.py train --tile 512 --patch 2 --out runs/highres-patch   # 256 px patches
@@ -141,8 +145,9 @@ def train_model(a) -> str:
     src = Path(a.model) if Path(a.model).is_file() else paths.model_cfg(a.model)
     cfg = yaml.safe_load(Path(src).read_text())
     cfg["loss"] = {**cfg.get("loss", {}), "weights": a.weights_mode, "frame_area": a.frame_area}
+    cfg.pop("esod_train", None)  # the shipped YAML patch-trains (the official recipe); 0 here means dense training
     if a.patch:
-        cfg["esod_train"] = {"patch": a.patch, "warmup_epochs": a.warmup_epochs}
+        cfg["esod_train"] = {"patch": a.patch, "warmup_epochs": a.warmup_epochs, "warmup_keep": "all"}
     out = Path(a.out) / Path(a.model).name  # same file name: the scale letter is read from it
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -358,7 +363,7 @@ def main(argv=None):
     b.add_argument("--conf", type=float, default=0.01)
     b.add_argument("--max-det", type=int, default=5000, help="high, so the cap does not decide recall")
     b.add_argument("--thr", type=float, default=0.5, help="heatmap threshold with the oracle heatmap")
-    b.add_argument("--seeker-thr", type=float, default=0.5, help="heatmap threshold with the model's seeker")
+    b.add_argument("--seeker-thr", type=float, default=0.3, help="heatmap threshold with the model's seeker")
     b.add_argument("--patch-sweep", type=int, nargs="*", default=[16], help="extra oracle runs at these patch sizes")
     b.add_argument("--margin", type=int, default=2)
     b.add_argument("--modes", nargs="*", help="only these sparse modes (and sliced if named); dense always runs")

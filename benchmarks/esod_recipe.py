@@ -17,9 +17,10 @@ loss share.
 same time budget for both (Ultralytics' ``time=`` hours)::
 
     python benchmarks/esod_recipe.py balance --batches 6
-    python benchmarks/esod_recipe.py train --mode dense --hours 0.8 --out /work/esod_runs/dense
-    python benchmarks/esod_recipe.py train --mode patch --hours 0.8 --out /work/esod_runs/patch
-    python benchmarks/esod_recipe.py evaluate --weights /work/esod_runs/dense/best.pt /work/esod_runs/patch/best.pt
+    python benchmarks/esod_recipe.py train --mode dense --hours 1.2 --out runs/dense    # runs/dense/best.pt
+    python benchmarks/esod_recipe.py train --mode patch --hours 1.2 --out runs/patch
+    python benchmarks/esod_recipe.py recalibrate --weights runs/dense/best.pt --out runs/dense/best-bn.pt
+    python benchmarks/esod_recipe.py evaluate --weights runs/dense/best-bn.pt runs/patch/best-bn.pt
 
 ``evaluate``: on the held-out frames (``bench_highres.py``'s), each at its own resolution, dense and sparse (learned
 seeker, the official defaults: threshold 0.3, ``w/8 x h/8``-cell patches) one after the other per frame: mean ms per
@@ -165,7 +166,9 @@ def balance(a):
     torch.manual_seed(0)
     data = crops(a)
     if a.weights:
-        model = torch.load(a.weights, weights_only=False)["model"].float()
+        from ultralytics import YOLO
+
+        model = YOLO(a.weights).model.float().requires_grad_(True)
     else:
         model = DetectionModel(model_cfg("dense", 0.2, 2, FRAME_1080P), nc=10, verbose=False)
     model.args = get_cfg()
@@ -197,6 +200,44 @@ def report(sums, gain):
     print(f"(measured with gain {gain}: ours/official detection gradient norm {gdet / ogdet:.1f}x)")
 
 
+# --- recalibrate ----------------------------------------------------------------------------------------------------
+
+
+def recalibrate(a):
+    """BatchNorm running statistics recomputed on the training crops with the model's own training forward (dense or
+    patch), then saved: after a few CPU epochs the running averages (momentum 0.03) lag the weights so far that the
+    eval-mode seeker outputs its prior everywhere (precise BN: Wu & Johnson, "Rethinking 'Batch' in BatchNorm",
+    2021)."""
+    import cv2
+    from ultralytics import YOLO
+
+    from so_det_ultra.training.esod import patch_preds, train_config
+
+    files = sorted((Path(a.data_dir) / "images" / "train").glob("*.jpg"))
+    model = YOLO(a.weights).model.float()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momentum = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over all the batches
+    cfg = train_config(model)
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(files), a.batch):
+            imgs = [cv2.imread(str(f))[:, :, ::-1] for f in files[i : i + a.batch]]
+            x = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255 for im in imgs])
+            empty = {"img": x, "batch_idx": torch.zeros(0), "cls": torch.zeros(0, 1), "bboxes": torch.zeros(0, 4)}
+            model(x) if cfg is None else patch_preds(model, empty, cfg)
+    for bn, mom in zip(bns, momentum):
+        bn.momentum = mom
+    ckpt = torch.load(a.weights, weights_only=False)
+    for key in ("ema", "model"):
+        if ckpt.get(key) is not None:
+            ckpt[key] = model.eval().to(next(ckpt[key].parameters()).dtype)
+    torch.save(ckpt, a.out)
+    print(f"{a.weights}: BatchNorm statistics of {len(bns)} layers recomputed on {len(files)} crops -> {a.out}")
+
+
 # --- evaluate -------------------------------------------------------------------------------------------------------
 
 
@@ -220,23 +261,29 @@ def evaluate(a):
     gts = [bh.ground_truth(p.stem, Path(a.sample), im.shape[1], im.shape[0])[0] for p, im in zip(frames, images)]
     print(f"{len(frames)} frames {sorted({im.shape[:2] for im in images})}; torch threads {a.threads}; conf {a.conf}")
     print(
-        "| checkpoint | dense ms | sparse ms | x dense | patches/frame | seeker recall | recall dense | recall sparse |"
+        "| checkpoint | dense ms (network) | sparse ms (network) | x dense (network) | patches/frame | seeker recall "
+        "| recall dense | recall sparse |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for w in a.weights:
         model = common.load_model(YOLO(w), "cpu")
         sm = SparseModel(model)
-        acc = {"dms": 0.0, "sms": 0.0, "patches": [], "cov": [0, 0], "dense": [0, 0], "sparse": [0, 0]}
+        acc = {"dms": 0.0, "sms": 0.0, "dnet": 0.0, "snet": 0.0, "patches": [], "cov": [0, 0], "dense": [0, 0]}
+        acc["sparse"] = [0, 0]
         for img, gt in zip(images, gts):
             t0 = time.perf_counter()
             x = common.letterbox(img, None, sm.stride)
             with torch.no_grad():
-                det = non_max_suppression(model(x)[0], a.conf, 0.7, max_det=a.max_det, max_time_img=60)[0]
+                tn = time.perf_counter()
+                raw = model(x)[0]
+                acc["dnet"] += (time.perf_counter() - tn) * 1000
+                det = non_max_suppression(raw, a.conf, 0.7, max_det=a.max_det, max_time_img=60)[0]
             dense = common.to_results(det, img, "", model.names, tuple(x.shape[2:]))
             t1 = time.perf_counter()
             res = sparse_predict(sm, img, conf=a.conf, max_det=a.max_det)[0]
             t2 = time.perf_counter()
             acc["dms"], acc["sms"] = acc["dms"] + (t1 - t0) * 1000, acc["sms"] + (t2 - t1) * 1000
+            acc["snet"] += res.speed["inference"]
             acc["patches"].append(len(res.patches))
             geo = bh.letterbox_geometry(*img.shape[:2], tuple(x.shape[2:]))
             for key, (f, t) in (
@@ -248,7 +295,8 @@ def evaluate(a):
         pct = {k: 100 * acc[k][0] / max(acc[k][1], 1) for k in ("cov", "dense", "sparse")}
         n = len(images)
         print(
-            f"| {w} | {acc['dms'] / n:.0f} | {acc['sms'] / n:.0f} | {acc['dms'] / acc['sms']:.2f}x | "
+            f"| {w} | {acc['dms'] / n:.0f} ({acc['dnet'] / n:.0f}) | {acc['sms'] / n:.0f} ({acc['snet'] / n:.0f}) | "
+            f"{acc['dms'] / acc['sms']:.2f}x ({acc['dnet'] / acc['snet']:.2f}x) | "
             f"{np.mean(acc['patches']):.1f} ({min(acc['patches'])}-{max(acc['patches'])}) | {pct['cov']:.1f} % | "
             f"{pct['dense']:.1f} % | {pct['sparse']:.1f} % ({pct['sparse'] - pct['dense']:+.1f}) |",
             flush=True,
@@ -280,7 +328,7 @@ def train(a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
-    for name in ("balance", "train", "evaluate"):
+    for name in ("balance", "train", "evaluate", "recalibrate"):
         s = sub.add_parser(name)
         s.add_argument("--sample", default=str(REPO.parent / "shared" / "data" / "visdrone-sample"))
         s.add_argument("--data-dir", default="/tmp/esod_recipe/crops", help="where the crops are written")
@@ -299,6 +347,9 @@ def main(argv=None):
     t.add_argument("--patch", type=int, default=2, help="patches per side (256 px crops: 2 -> 128 px patches)")
     t.add_argument("--frame-area", type=float, default=FRAME_1080P, help="crops of ~1080p frames: 1080p areas")
     t.add_argument("--workers", type=int, default=1)
+    r = sub.choices["recalibrate"]
+    r.add_argument("--weights", required=True)
+    r.add_argument("--out", required=True)
     e = sub.choices["evaluate"]
     e.add_argument("--weights", nargs="+", required=True, help="checkpoints (dense- and patch-trained)")
     e.add_argument("--frames", type=int, default=4, help="held-out frames per size (1920x1080, 2000x1500)")
@@ -312,7 +363,7 @@ def main(argv=None):
         from so_det_ultra import paths
 
         a.gain = float(yaml.safe_load(paths.model_cfg("so-det-esod.yaml").read_text())["loss"]["gain"])
-    {"balance": balance, "train": train, "evaluate": evaluate}[a.step](a)
+    {"balance": balance, "train": train, "evaluate": evaluate, "recalibrate": recalibrate}[a.step](a)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_mask_ignored_regions(tmp_path):
     out = tmp_path / "plain" / "images" / "val" / f"{stem}.jpg"
     assert out.read_bytes() == (src / "images" / f"{stem}.jpg").read_bytes(), "default must not alter images"
     visdrone.convert_visdrone(
-        tmp_path / "dl", tmp_path / "masked", mask_ignored=True, show_progress=False, verbose=False
+        tmp_path / "dl", tmp_path / "masked", mask_ignored=True, mask_style="grey", show_progress=False, verbose=False
     )
     side = json.loads((tmp_path / "masked" / "sidecars" / "val" / f"{stem}.json").read_text())
     img = cv2.imread(str(tmp_path / "masked" / "images" / "val" / f"{stem}.jpg")).astype(int)

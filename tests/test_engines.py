@@ -216,7 +216,7 @@ def test_merge_crops_adds_no_area_and_keeps_every_core():
 def test_merged_crops_give_the_dense_predictions_once(tmp_path):
     """Two patches whose crops overlap run as one box; every dense prediction centred in either core comes out
     exactly once and equal to the dense model's (the test model's receptive field fits the 8-cell margin)."""
-    from test_highres import LOCAL_YAML, blob
+    from test_highres import LOCAL_YAML, assert_equals_dense_in_cores, blob
     from ultralytics.nn.tasks import DetectionModel
 
     from so_det_ultra.highres import SparseModel, make_patches, select_patches
@@ -231,14 +231,4 @@ def test_merged_crops_give_the_dense_predictions_once(tmp_path):
     heat = blob((40, 60), 12, 15) + blob((40, 60), 14, 30)
     patches = make_patches(select_patches(heat, 0.5, 12, 2, prune=False), heat.shape, 12, margin=8, align=2)
     assert len(patches) == 2 and len(merge_crops(patches)) == 1, "the two crops should merge"
-    merged = run_patches(sm, stem, patches)[0].T
-    with torch.inference_mode():
-        dense = sm.model(x)[0][0].T
-    keep = torch.zeros(len(dense), dtype=torch.bool)
-    for p in patches:
-        y0, x0, y1, x1 = (v * 8 for v in p.core)
-        keep |= (dense[:, 0] >= x0) & (dense[:, 0] < x1) & (dense[:, 1] >= y0) & (dense[:, 1] < y1)
-    dense = dense[keep]
-    assert len(merged) == len(dense) > 0
-    d = torch.cdist(merged.double(), dense.double(), p=float("inf"))
-    assert max(d.min(1).values.max().item(), d.min(0).values.max().item()) < 1e-3
+    assert_equals_dense_in_cores(run_patches(sm, stem, patches)[0].T, sm, x, patches)

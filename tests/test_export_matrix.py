@@ -40,10 +40,15 @@ def _raw(y) -> np.ndarray:
 def output_diff(y_ref: np.ndarray, y: np.ndarray) -> float:
     """Max absolute difference. Row outputs (batch, queries, values) of query/top-k heads (RT-DETR decoder, the
     NMS-free one-to-one head) are compared row to nearest row both ways, so a reordering of near-tied rows is not
-    counted as a difference; anchor outputs (batch, values, anchors) are compared element-wise."""
+    counted as a difference (one way when the export keeps fewer rows); anchor outputs (batch, values, anchors) are
+    compared element-wise."""
+    rows = y.ndim == 3 and y.shape[1] > y.shape[2]
+    if rows and y_ref.ndim == 3 and y_ref.shape[2] == y.shape[2] and y_ref.shape[1] > y.shape[1]:
+        # an export keeping the top max_det (300) of more queries: each exported row must be a PyTorch row
+        return float(np.abs(y[0][:, None, :] - y_ref[0][None, :, :]).max(-1).min(1).max())
     if y_ref.shape != y.shape:
         raise AssertionError(f"output shape {y.shape} differs from PyTorch's {y_ref.shape}")
-    if y.ndim == 3 and y.shape[1] > y.shape[2]:
+    if rows:
         a, b = y_ref[0], y[0]
         d = np.abs(a[:, None, :] - b[None, :, :]).max(-1)
         return float(max(d.min(1).max(), d.min(0).max()))
@@ -98,7 +103,8 @@ def _cells():
 def test_export_predict_parity(cfg, fmt, tmp_path, monkeypatch):
     missing = [m for m in FORMATS[fmt][1] if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (pip install 'so-det-ultra[formats]')")
+        extra = "coreml" if fmt == "coreml" else "formats"
+        pytest.skip(f"{', '.join(missing)} not installed (pip install 'so-det-ultra[{extra}]')")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     out = export_and_compare(cfg, fmt, tmp_path)
@@ -115,5 +121,34 @@ def test_output_diff_matches_rows_but_not_anchors():
     assert output_diff(rows, rows[:, ::-1]) == 0.0  # reordered queries: same set of rows
     anchors = np.random.default_rng(0).random((1, 7, 84))
     assert output_diff(anchors, anchors[:, :, ::-1]) > 0.1  # reordered anchors: a real difference
+    assert output_diff(rows, rows[:, 50:60]) == 0.0  # an export keeping 10 of 300 rows: each is a PyTorch row
+    assert output_diff(rows, rows[:, 50:60] + 0.5) >= 0.5 - 1e-9
     with pytest.raises(AssertionError, match="shape"):
-        output_diff(rows, rows[:, :10])
+        output_diff(rows[:, :10], rows)
+
+
+class _Shapes(torch.overrides.TorchFunctionMode):
+    """Records the shape of every tensor a torch function returns inside the ``with`` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 5, 6, 7, 12, 48])
+def test_channel_max_has_no_empty_slice(c):
+    """EAFusion's channel max equals amax and never makes an empty tensor (an empty slice became an empty NCNN Crop
+    layer, which crashed NCNN at inference)."""
+    from so_det_ultra.nn.fusion import channel_max
+
+    x = torch.randn(2, c, 4, 4)
+    with _Shapes() as rec:
+        y = channel_max(x)
+    assert torch.equal(y, x.amax(1, keepdim=True))
+    assert all(0 not in s for s in rec.shapes), rec.shapes

@@ -211,11 +211,16 @@ def test_sparse_equals_dense_inside_kept_patches(local_model):
     patches = make_patches(select_patches(heat, patch=12, align=2), heat.shape, 12, margin=8, align=2)
     assert len(patches) == 2
     sparse = sm.run_patches(stem, (320, 480), patches, batch=1)[0].T  # (N, 4 + nc), xywh frame pixels
+    assert_equals_dense_in_cores(sparse, sm, x, patches)
+
+
+def assert_equals_dense_in_cores(sparse, sm, x, patches, stride: int = 8):
+    """``sparse`` rows (N, 4 + nc) are exactly the dense model's predictions centred in the patches' cores."""
     with torch.inference_mode():
         dense = sm.model(x)[0][0].T
     keep = torch.zeros(len(dense), dtype=torch.bool)
     for p in patches:
-        y0, x0, y1, x1 = (v * 8 for v in p.core)
+        y0, x0, y1, x1 = (v * stride for v in p.core)
         keep |= (dense[:, 0] >= x0) & (dense[:, 0] < x1) & (dense[:, 1] >= y0) & (dense[:, 1] < y1)
     dense = dense[keep]
     assert len(sparse) == len(dense) > 0

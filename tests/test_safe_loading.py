@@ -119,3 +119,15 @@ def test_predict_has_the_unsafe_load_option():
     p = build_parser()
     assert p.parse_args(["predict", "--model", "m.pt", "--source", "x", "--unsafe-load"]).unsafe_load is True
     assert p.parse_args(["predict", "--model", "m.pt", "--source", "x"]).unsafe_load is False
+
+
+@pytest.mark.parametrize("mode", ["dense", "sliced", "sparse"])
+def test_every_predict_mode_refuses_an_unsafe_checkpoint(checkpoints, mode):
+    from so_det_ultra.highres.engines import open_predictor
+
+    _, evil, marker = checkpoints
+    if marker.exists():
+        marker.rmdir()  # made by test_unsafe_load_opts_out
+    with pytest.raises(UnsafeCheckpointError, match="--unsafe-load"):
+        open_predictor(evil, mode, device="cpu")
+    assert not marker.exists(), f"{mode}: the checkpoint's code ran"

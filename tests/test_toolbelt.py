@@ -86,6 +86,7 @@ YOLO("so-det-n.yaml").tune(data=r"{data}", epochs=1, iterations=2, imgsz=64, bat
 
 
 @pytest.mark.cli
+@pytest.mark.slow  # two 1-epoch trainings; run with -m slow
 def test_model_tune_two_iterations(visdrone_like, tmp_path):
     python(TUNE.format(data=visdrone_like, proj=tmp_path), cwd=tmp_path, env=_env(tmp_path), timeout=900)
     lines = (tmp_path / "tune" / "tune_results.ndjson").read_text().splitlines()

@@ -75,7 +75,7 @@ def _common(p, target):
         p,
         "--mask-ignored",
         action=argparse.BooleanOptionalAction,
-        help="fill ignored regions in the converted images (VisDrone: grey 114, as ESOD; SODA-D: --ignore-fill)",
+        help="fill ignored regions in the converted images (VisDrone: --mask-style; SODA-D: --ignore-fill)",
         defaults_from=target,
     )
     option(
@@ -117,6 +117,14 @@ def _add_convert(sub):
         formatter_class=HelpFormatter,
     )
     _common(v, _visdrone)
+    option(
+        v,
+        "--mask-style",
+        choices=("esod", "grey"),
+        help="with --mask-ignored: esod (categories 0 and 11 painted 85, as ESOD's data_prepare.py) or grey "
+        "(category 0 filled 114, labelled objects' pixels kept)",
+        defaults_from=_visdrone,
+    )
     v.add_argument(
         "--split",
         choices=("train", "val", "test"),

@@ -6,50 +6,10 @@ Detection: Survey and Benchmarks", TPAMI 2023, https://shaunyuan22.github.io/SOD
 :mod:`so_det_ultra.data.contract` and docs/datasets.md; the run itself (sources, archives, rerun safety, log) is the
 skeleton of :mod:`so_det_ultra.data.converter`.
 
-Rules:
-
-- classes: the JSON's categories other than ``ignore``, sorted by category id, become 0..n-1 with their JSON names
-  (the official release gives people, rider, bicycle, motor, vehicle, traffic-sign, traffic-light,
-  traffic-camera, warning-cone); every split must list the same categories;
-- an annotation of the category named ``ignore`` is an ignored region: it goes to the sidecar's ``ignore`` list, not
-  to the labels. ``ignore``/``iscrowd`` flags of other annotations are read as the official tools do (``flags``,
-  :mod:`so_det_ultra.data.soda_coco`);
-- malformed annotations (missing keys, bbox not 4 finite numbers, zero or negative size, unknown image or category
-  id, box entirely outside the image) are reported as ``file:annotations[k]: reason``, counted and skipped;
-- **bad files**: a split JSON that is empty (zero bytes), unreadable or not COCO is reported by file and that split
-  is skipped (its earlier output left as it is); an image that is missing, unreadable or truncated is reported by
-  file and skipped; the rest converts. A JSON whose ``annotations`` list is empty converts its images without
-  objects;
-- boxes partly outside the image are clipped to it (the VisDrone clipping rule,
-  :func:`~so_det_ultra.data.contract.clip_box`);
-- **tiling** (every split by default, ``tile_splits``): the SODA-D protocol (github.com/shaunyuan22/SODA-mmdetection,
-  ``tools/img_split/sodad_split.py``, ``SODADSplit._divImg``) cuts each image into ``tile`` x ``tile`` patches with
-  ``overlap`` px overlap; the grid is :mod:`so_det_ultra.data.tiling` (stride ``tile - overlap``; the last row/column
-  is aligned to the image edge so tiles never leave the image; a side shorter than ``tile`` gives one tile of that
-  side);
-- **tile border rule**: an object cut by a tile border is kept in that tile, clipped to it, if more than
-  ``min_visible`` (default 0.4, the official ``interAreaIgnThr``) of its area lies inside the tile; at that fraction
-  or below (``sodad_split.py`` line 295: ``ignore`` when ``<= interAreaIgnThr``) its visible part, a sliver, becomes
-  an ignored region of that tile's sidecar (:func:`cut`). Ignored regions are clipped into every tile they touch;
-- **fill** (``mask_ignored``, default on, ``ignore_fill`` 0 as the official ``ignFillVal``): only the ``ignore``
-  category's regions are filled, then the pixels of every object the tile holds are restored, slivers of cut objects
-  included (``_divAnn`` line 272, ``_getIgnMask`` lines 329-341, boxes truncated to int as there);
-  ``fill_slivers=True`` fills slivers too (the earlier reading);
-- **training extent** (``limit_extent``, default on): a ``train`` image is cut only up to 5 px beyond its
-  annotations' right and bottom edges (``_divImg`` lines 176-177), at least one tile (:func:`train_extent`);
-- **which tiles**: a ``train`` tile is written when any object intersects it, kept or cut (a tile holding only a
-  sliver has no label; ``sodad_split.py`` line 209 keeps a patch with any annotation left after the ``ignore``
-  category is filled), all of them with ``keep_empty``; tiles of the other splits are all written, as the official
-  split does outside ``train`` mode, because the evaluation runs the detector on every tile. An image without any
-  annotation is not split at all (``_getIndexLst`` takes the image ids from ``imgToAnns``), unless ``keep_empty``;
-- **parent sidecar**: for a tiled split, the full image's sidecar (``sidecars/<split>/<stem>.json``, no image, no
-  label) holds its objects and ignored regions in full-image pixels; each tile sidecar names it in
-  ``tile.source``. The SODA-D evaluation (docs/metrics.md) maps tile detections back with the tile offset, merges
-  them and scores them against these parents, as the official evaluation scores the original images.
-
-Differences left (interpretations): the visible fraction divides by the object's box clipped to the image (the
-official script divides by the JSON box's full area); an image or extent smaller than a tile gives a smaller tile
-(the official script pads it to 800 x 800 with the fill value, ``_pad``). Tiles are re-encoded (JPEG quality 95).
+The conversion rules (classes, ignored regions and flags, bad files, tiling and the tile border rule, the fill,
+the training extent, which tiles are written, parent sidecars) follow the official split tool
+(github.com/shaunyuan22/SODA-mmdetection ``tools/img_split/sodad_split.py``); each rule, its source line and the
+interpretations left are listed in docs/datasets.md, "Conversion rules (SODA-D)".
 
 Examples:
     >>> from so_det_ultra.data.soda import convert_soda

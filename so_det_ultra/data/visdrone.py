@@ -7,32 +7,11 @@ github.com/VisDrone/VisDrone2018-DET-toolkit, ``readme.md``). Output layout and 
 :mod:`so_det_ultra.data.contract` and docs/datasets.md. The run itself (sources, archives, rerun safety, log) is the
 skeleton of :mod:`so_det_ultra.data.converter`.
 
-Rules (each also counted in the end summary):
-
-- categories 1..10 become classes 0..9 (:data:`NAMES`);
-- category 0 (ignored region) rows go to the sidecar's ``ignore`` list, not to the labels;
-- category 11 (others) and score-0 rows are not written;
-- malformed lines (wrong field count, non-numbers, non-integer score/category/truncation/occlusion, unknown
-  category, score not 0/1, zero or negative size, box entirely outside the image) are reported as ``file:line:
-  reason``, counted, and skipped; the run goes on;
-- **clipping rule**: a box partly outside the image is clipped to ``[0, W] x [0, H]`` and kept as long as a
-  positive area remains inside (the clipped box is what the label and the sidecar hold); ignored regions are
-  clipped the same way;
-- truncation and occlusion of every written object are kept in the sidecar, in label order;
-- **bad files**: an image that is missing, unreadable or truncated (a JPEG without its end marker), or whose
-  annotation file cannot be read, is reported as ``file: reason`` and skipped (nothing written for it); the rest
-  converts;
-- **empty annotation files**: a zero-byte (or blank-only) annotation file is an image without objects: the image
-  converts with an empty label file and an empty sidecar, and the file is listed as a warning in the summary (an
-  official VisDrone-DET image always has rows, so an empty file may be a copy gone wrong); a missing annotation
-  file is treated the same way but reported as a problem.
-
-Interpretation: the official toolkit ignores detections *inside* ignored regions at evaluation time; it does not
-say what training should do with them. By default the pixels are left as they are (the region is only recorded);
-``mask_ignored=True`` paints them in the converted copy of the image. ``mask_style="grey"`` (the default) fills
-category 0 with grey 114 and keeps the pixels of labelled objects overlapping it; ``mask_style="esod"`` (ESOD's
-recipe) paints the boxes of categories 0 *and* 11 with 85, in file order, over whatever lies beneath, as ESOD's
-``scripts/data_prepare.py`` (github alibaba/esod, lines 229-235). Masked JPEGs are re-encoded at quality 95.
+The conversion rules (categories, ignored regions, malformed lines as ``file:line: reason``, clipping, bad and empty
+files) are listed in docs/datasets.md, "Conversion rules (VisDrone)". Ignored regions are only recorded by default;
+``mask_ignored=True`` paints them in the converted copy: ``mask_style="esod"`` (the default, ESOD's recipe) paints the
+boxes of categories 0 *and* 11 with 85, in file order (github alibaba/esod ``scripts/data_prepare.py`` lines
+229-235); ``mask_style="grey"`` fills category 0 with grey 114 and keeps labelled objects' pixels (an interpretation).
 
 Examples:
     >>> from so_det_ultra.data.visdrone import convert_visdrone
@@ -192,7 +171,7 @@ class VisDrone(Converter):
     missing = MISSING
 
     def __init__(
-        self, split: str | None, mask_ignored: bool, images: str, show_progress: bool, mask_style: str = "grey"
+        self, split: str | None, mask_ignored: bool, images: str, show_progress: bool, mask_style: str = "esod"
     ):
         super().__init__(images, mask_ignored, show_progress)
         if mask_style not in MASK_STYLES:
@@ -277,7 +256,7 @@ def convert_visdrone(
     verbose: bool = True,
     force: bool = False,
     lock_timeout: float | None = None,
-    mask_style: str = "grey",
+    mask_style: str = "esod",
 ) -> Summary:
     """Convert VisDrone2019-DET at ``src`` (folders, a split folder, or the official .zip archives) into ``dst``.
 

@@ -36,7 +36,7 @@ def load_model(model, device="cpu", fuse: bool = True, unsafe_load: bool = False
     from ultralytics import YOLO
 
     if isinstance(model, (str, Path)) and Path(model).suffix == ".pt" and not unsafe_load and Path(model).is_file():
-        model = _safe_checkpoint(Path(model))
+        model = safe_checkpoint(Path(model))
     elif isinstance(model, (str, Path)):
         model = YOLO(str(model))
     if hasattr(model, "predictor") and hasattr(model, "model"):  # a YOLO wrapper
@@ -45,7 +45,7 @@ def load_model(model, device="cpu", fuse: bool = True, unsafe_load: bool = False
     return model.fuse(verbose=False) if fuse and hasattr(model, "fuse") else model  # fuse() skips fused models
 
 
-def _safe_checkpoint(path: Path):
+def safe_checkpoint(path: Path):
     """The model of checkpoint ``path`` loaded weights-only, set up as ``load_checkpoint`` (ultralytics/nn/tasks.py)."""
     import pickle
     import re

@@ -76,6 +76,10 @@ def _open_dense(model, device, unsafe_load):
 
     from so_det_ultra.highres.dense import dense_predict
 
+    if isinstance(model, (str, Path)) and Path(model).suffix == ".pt" and not unsafe_load:
+        from so_det_ultra.highres.common import safe_checkpoint
+
+        safe_checkpoint(Path(model))  # refuses a pickle that would run code, before YOLO() loads it the stock way
     m = model if isinstance(model, YOLO) else YOLO(str(model))
     return m, m.names, dense_predict
 

@@ -30,7 +30,7 @@ META = "metadata.json"
 OPSET = 17
 
 
-def export_sparse(model, format: str = "onnx", out=None, force: bool = False, unsafe_load: bool = False) -> Path:
+def export_sparse(model, format: str = "onnx", out=None, force: bool = False) -> Path:
     """Write the sparse export of ``model`` (a ``.pt`` / YAML path or a DetectionModel) and return its folder.
 
     Args:
@@ -38,7 +38,6 @@ def export_sparse(model, format: str = "onnx", out=None, force: bool = False, un
         format (str): ``"onnx"``, ``"openvino"`` or ``"engine"`` (TensorRT).
         out (str | Path, optional): Folder to write; default ``<ckpt dir>/<stem>_sparse_<format>``.
         force (bool): Replace the files this export writes in an existing folder (never anything else).
-        unsafe_load (bool): Accepted for symmetry with prediction; checkpoints load through ``load_model``.
     """
     import torch
 
@@ -281,7 +280,11 @@ def _ort_session(stem: Path, device):
 
     cuda = "cuda" in str(device) and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(stem.with_suffix(".onnx")), providers=providers)
+    options = ort.SessionOptions()
+    # two sessions and PyTorch's own ops (cropping, NMS) take turns: threads that spin between runs would take
+    # the cores from the others
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(stem.with_suffix(".onnx")), options, providers=providers)
     return lambda feed: session.run(None, feed)
 
 

@@ -2,7 +2,7 @@
 
 Source: Huang, Zhang, Jin, Wu, Liu and Jin, "Better Sampling, towards Better End-to-end Small Object Detection",
 sec. 4, eqs. 5-22 (summary and our readings in docs/detr.md). Switched on and tuned from the model YAML (the shared
-``loss:`` mechanism, ``so_det_ultra/integration/losses.py``); a switch that is absent (or ``false``) is off, ``true``
+``loss:`` mechanism, ``so_det_ultra/losses/config.py``); a switch that is absent (or ``false``) is off, ``true``
 takes the defaults::
 
     loss:

@@ -4,7 +4,7 @@ Source: the E-FPN-BS paper's abstract (our reading in docs/blocks.md, "E-FPN-BS"
 Loss (DCLoss) that automatically modulates loss contributions via scale-aware gradient equilibrium". No formula is
 public; what follows is an **interpretation of the abstract**.
 
-Select it from a model YAML (the shared ``loss:`` mechanism, ``so_det_ultra/integration/losses.py``)::
+Select it from a model YAML (the shared ``loss:`` mechanism, ``so_det_ultra/losses/config.py``)::
 
     loss:
       type: DCLoss

@@ -52,7 +52,7 @@ def simam(x: torch.Tensor, parts: int = 1, lam: float = 1e-4) -> torch.Tensor:
 
     Each window is a 4-D slice reduced over its last two axes, and the energy's denominator is a (B, C, 1, 1) scale
     (d * s + 0.5 with s = 1 / (4 (sum(d)/n + lam))) instead of a full-size division; the reference reduces over axes 3
-    and 5 of a 6-D view, which ONNX Runtime runs as strided reductions with layout reorders (~25% slower at stride 4).
+    and 5 of a 6-D view, which ONNX Runtime runs as strided reductions with layout reorders (slower: docs/models.md).
     The variance stays two-pass (mean first): single-pass forms such as InstanceNormalization lose precision in ONNX
     Runtime when a window's mean is large against its spread. ``parts=1`` is plain SimAM. H and W must divide by parts.
     """
@@ -67,7 +67,7 @@ def channel_max(x: torch.Tensor) -> torch.Tensor:
     """``x.amax(1, keepdim=True)`` as a tree of element-wise maxima over channel halves (exactly equal).
 
     ONNX Runtime's ReduceMax across channels is strided and slow on large maps; log2(C) element-wise Max ops over
-    contiguous halves are ~3x faster there. An odd channel count folds its last channel into the first.
+    contiguous halves are faster there (docs/models.md). An odd channel count folds its last channel into the first.
     """
     while x.shape[1] > 1:
         c, h = x.shape[1], x.shape[1] // 2
