@@ -122,7 +122,9 @@ def main(argv=None):
     p.add_argument("--tile", type=int, default=640)
     p.add_argument("--batch", type=int, default=1, help="sliced (ours): tiles per pass (1: fastest on a CPU)")
     p.add_argument("--conf", type=float, default=0.25, help="Ultralytics' predict default")
-    p.add_argument("--max-det", type=int, default=300, help="Ultralytics' predict default (per pass)")
+    p.add_argument(
+        "--max-det", type=int, default=3000, help="per pass and per frame; high, so the cap does not decide recall"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (ONNX Runtime: its default, all cores)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

@@ -201,7 +201,7 @@ def bench(a):
     }
     sparse_modes.update({f"sparse-oracle p{k}": dict(oracle=True, patch=k) for k in a.patch_sweep})
     sparse_modes["sparse-oracle margin 0"] = dict(oracle=True, margin=0)
-    sparse_modes["sparse-oracle no-merge"] = dict(oracle=True, merge_crops=False)
+    sparse_modes["sparse-oracle merge"] = dict(oracle=True, merge_crops=True)
     if a.modes:
         sparse_modes = {k: v for k, v in sparse_modes.items() if k in a.modes}
     modes = ("dense", *sparse_modes, *(("sliced",) if not a.modes or "sliced" in a.modes else ()))

@@ -231,4 +231,4 @@ def test_merged_crops_give_the_dense_predictions_once(tmp_path):
     heat = blob((40, 60), 12, 15) + blob((40, 60), 14, 30)
     patches = make_patches(select_patches(heat, 0.5, 12, 2, prune=False), heat.shape, 12, margin=8, align=2)
     assert len(patches) == 2 and len(merge_crops(patches)) == 1, "the two crops should merge"
-    assert_equals_dense_in_cores(run_patches(sm, stem, patches)[0].T, sm, x, patches)
+    assert_equals_dense_in_cores(run_patches(sm, stem, patches, merge=True)[0].T, sm, x, patches)

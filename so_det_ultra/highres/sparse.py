@@ -153,7 +153,7 @@ def _channels_last(model, device):
     return model
 
 
-def run_patches(engine, stem_out: dict, patches, batch: int = 16, head_mask=None, merge: bool = True) -> torch.Tensor:
+def run_patches(engine, stem_out: dict, patches, batch: int = 16, head_mask=None, merge: bool = False) -> torch.Tensor:
     """Raw Detect output (1, 4 + nc, N) in frame pixels of ``engine`` (a :class:`SparseModel` or an exported one)
     for the anchors whose box centre lies in a patch core.
 
@@ -271,7 +271,7 @@ def sparse_predict(
     sparse_head: bool = False,
     head_dilate: int = HEAD_DILATE,
     prune: bool = True,
-    merge_crops: bool = True,
+    merge_crops: bool = False,
     device="cpu",
 ) -> list:
     """ESOD sparse inference on each image of ``source``; returns Ultralytics ``Results``.
@@ -294,7 +294,8 @@ def sparse_predict(
         prune (bool): Drop patches whose active cells the other patches' cores already hold
             (:func:`~so_det_ultra.highres.patches.select_patches`).
         merge_crops (bool): Run overlapping crops as their common box when it adds no area (:func:`merge_crops`);
-            the predictions are the same, the overlap is computed once.
+            the predictions are the same, the overlap is computed once, but the merged crops have varied shapes and
+            are not batched (off by default: slower on the benchmark frames, docs/highres.md).
 
     Each result has ``speed`` (ms: preprocess, stem, select, patches, postprocess, inference) and ``patches`` (the
     list of :class:`~so_det_ultra.highres.patches.Patch` used, in cells of the letterboxed input).
