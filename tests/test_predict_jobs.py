@@ -308,3 +308,11 @@ def test_os_errors_name_their_path(esod_pt, tmp_path, capsys):
 def test_merge_predictions_is_a_so_det_command(tmp_path):
     res = python("from so_det_ultra.cli import main; main(['merge-predictions', '--help'])", cwd=tmp_path)
     assert "SHARD_DIR" in res.stdout and "--force" in res.stdout
+
+
+def test_a_model_that_fails_to_load_leaves_no_claim_on_the_save_dir(esod_pt, tmp_path, capsys):
+    src, out = write_images(tmp_path / "src", 1), tmp_path / "out"
+    rc = so_det("predict", "--model", tmp_path / "missing.pt", "--source", src, *FAST, "--save-dir", out)
+    assert rc != 0 and "missing.pt" in capsys.readouterr().err
+    assert not (out / jobs.JOB_FILE).exists()
+    assert so_det("predict", "--model", esod_pt, "--source", src, *FAST, "--save-dir", out) == 0  # the retry runs

@@ -135,9 +135,18 @@ class Job:
                 "use another --save-dir, or --force to overwrite"
             )
 
+    def release(self) -> None:
+        """Remove this job's ``job.json`` while no input of it is done (its model failed to load, say)."""
+        old = read_json(self.dir / JOB_FILE)
+        if isinstance(old, dict) and old.get("signature") == self.signature and not any(self._records()):
+            (self.dir / JOB_FILE).unlink()
+
+    def _records(self):
+        return (self.dir / RESULTS).glob("*.json")
+
     def _drop_records(self) -> int:
         n = 0
-        for f in (self.dir / RESULTS).glob("*.json"):
+        for f in self._records():
             f.unlink()
             n += 1
         return n

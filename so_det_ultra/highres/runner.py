@@ -69,7 +69,11 @@ def run(open_model, inputs: list, settings: Settings, signature: dict, shard=Non
     for note in job.prepare({inp: settings.planned(inp) for _, inp in items}, force=settings.force):
         log(note)
     todo = [inp for _, inp in items if not (settings.resume and job.record(inp) is not None)]
-    predictor = open_model() if todo else None
+    try:
+        predictor = open_model() if todo else None
+    except BaseException:
+        job.release()  # a model that does not load leaves no claim on the folder
+        raise
     stats = dict(inputs=len(items), done=0, skipped=len(items) - len(todo), unreadable=0, images=0, videos=0, frames=0)
     bar = TQDM(total=_frame_total(todo, settings.vid_stride), unit="frame", desc="so-det predict")
 
