@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 from pathlib import Path
 
+from so_det_ultra.data._io import pid_alive
 from so_det_ultra.highres.outputs import atomic_write_json, atomic_write_text
 
 JOB_FILE, RESULTS, PREDICTIONS = "job.json", "results", "predictions.json"
@@ -172,20 +172,8 @@ def _sweep_temporaries(paths: list) -> None:
     for path in paths:
         for tmp in Path(path).parent.glob(f".{glob.escape(Path(path).stem)}.*.tmp{Path(path).suffix}"):
             pid = tmp.name[len(Path(path).stem) + 2 :].split(".", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) is no probe there: keep every file
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _resolved(p) -> Path:
