@@ -19,6 +19,7 @@ same time budget for both (Ultralytics' ``time=`` hours)::
     python benchmarks/esod_recipe.py balance --batches 6
     python benchmarks/esod_recipe.py train --mode dense --hours 1.2 --out runs/dense    # runs/dense/best.pt
     python benchmarks/esod_recipe.py train --mode patch --hours 1.2 --out runs/patch
+    python benchmarks/esod_recipe.py train --mode plain --model yolov8n-p2.yaml --epochs 10 --out runs/v8p2
     python benchmarks/esod_recipe.py recalibrate --weights runs/dense/best.pt --out runs/dense/best-bn.pt
     python benchmarks/esod_recipe.py evaluate --weights runs/dense/best-bn.pt runs/patch/best-bn.pt
 
@@ -313,8 +314,11 @@ def train(a):
     data = crops(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "so-det-esod-s.yaml"  # the scale letter is read from the file name
-    cfg_path.write_text(yaml.safe_dump(model_cfg(a.mode, a.gain, a.patch, a.frame_area), sort_keys=False))
+    if a.mode == "plain":  # a detector without a seeker (so-det-s, yolov8n-p2): the same crops and budget
+        cfg_path = a.model
+    else:
+        cfg_path = out / "so-det-esod-s.yaml"  # the scale letter is read from the file name
+        cfg_path.write_text(yaml.safe_dump(model_cfg(a.mode, a.gain, a.patch, a.frame_area), sort_keys=False))
     YOLO(str(cfg_path)).train(
         data=str(data), epochs=a.epochs, time=a.hours, imgsz=a.tile, batch=a.batch, workers=a.workers, device="cpu",
         project=str(out.resolve()), name="train", exist_ok=True, plots=False, mosaic=0.5, close_mosaic=0, seed=0,
@@ -340,7 +344,8 @@ def main(argv=None):
     b.add_argument("--batches", type=int, default=6)
     b.add_argument("--weights", help="a trained checkpoint instead of a fresh so-det-esod-s")
     t = sub.choices["train"]
-    t.add_argument("--mode", choices=("dense", "patch"), required=True)
+    t.add_argument("--mode", choices=("dense", "patch", "plain"), required=True, help="plain: --model, no seeker")
+    t.add_argument("--model", default="so-det-s.yaml", help="--mode plain: the model YAML to train")
     t.add_argument("--out", required=True)
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--hours", type=float, default=None, help="time budget (overrides --epochs, Ultralytics time=)")

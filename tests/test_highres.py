@@ -13,6 +13,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
 from so_det_ultra.highres import SparseModel, make_patches, select_patches, sparse_predict
+from so_det_ultra.highres.patches import THRESHOLD
 from so_det_ultra.losses.esod import ESODLoss, heatmap_target
 from so_det_ultra.nn.esod import ObjectSeeker, SeekerDetect
 
@@ -244,6 +245,25 @@ def test_sparse_predict_maps_boxes_into_the_original_image(local_model):
     xyxy = res[0].boxes.xyxy
     assert (xyxy[:, 0] >= 0).all() and (xyxy[:, 2] <= 500).all() and (xyxy[:, 3] <= 300).all()
     assert torch.equal(res[0].boxes.data, res[1].boxes.data)
+
+
+def test_a_stored_seeker_threshold_is_the_default_and_thr_overrides_it(local_model):
+    """The threshold stored on the ObjectSeeker (``so-det fit-seeker`` writes it) is what sparse inference uses when
+    none is given; an explicit ``thr`` wins. Without one stored, ESOD's 0.3."""
+    assert SparseModel(local_model).threshold == THRESHOLD
+    seeker = next(m for m in local_model.modules() if isinstance(m, ObjectSeeker))
+    heat = torch.zeros(40, 60)
+    heat[10, 10], heat[30, 50] = 0.9, 0.5  # two centres; 0.7 keeps one, 0.4 both
+    img = np.full((320, 480, 3), 114, np.uint8)
+    oracle = lambda n, path, hw, cells: heat  # noqa: E731
+    try:
+        seeker.thr = 0.7
+        sm = SparseModel(local_model)
+        assert sm.threshold == 0.7
+        assert len(sparse_predict(sm, img, heatmap=oracle, patch=12, margin=0)[0].patches) == 1
+        assert len(sparse_predict(sm, img, heatmap=oracle, patch=12, margin=0, thr=0.4)[0].patches) == 2
+    finally:
+        del seeker.thr  # back to the class default (None)
 
 
 def test_sparse_needs_a_seeker():

@@ -76,7 +76,13 @@ def add_parser(sub) -> None:
         "--device", default=argparse.SUPPRESS, help="torch device (default: cuda:0 when available, else cpu)"
     )
     g = p.add_argument_group("sparse")
-    option(g, "--thr", type=float, help="heatmap threshold for patch centres", defaults_from=_sparse)
+    option(
+        g,
+        "--thr",
+        type=float,
+        help="heatmap threshold for patch centres (None: the one so-det fit-seeker stored, else 0.3)",
+        defaults_from=_sparse,
+    )
     g.add_argument(
         "--patch",
         type=int,

@@ -206,6 +206,7 @@ def _metadata(sm, format, stem_ids, rest_ids) -> dict:
         for k, v in inspect.signature(sparse_predict).parameters.items()
         if k in ("thr", "patch", "margin", "conf", "iou", "max_det", "prune")
     }
+    defaults["thr"] = sm.threshold  # the seeker's stored threshold (so-det fit-seeker), else ESOD's default
     return {
         "format": format,
         "names": {int(k): v for k, v in sm.names.items()},
@@ -241,6 +242,8 @@ class ExportedSparse:
     """
 
     def __init__(self, folder, device="cpu", runtime: str | None = None):
+        from so_det_ultra.highres.patches import THRESHOLD
+
         folder = Path(folder)
         if not is_sparse_export(folder):
             raise FileNotFoundError(f"{folder} is not a sparse export folder (no {META}); see `so-det export --sparse`")
@@ -249,6 +252,8 @@ class ExportedSparse:
         self.stride, self.cell, self.align = self.meta["stride"], self.meta["cell"], self.meta["align"]
         self.factor = {int(j): f for j, f in self.meta["factor"].items()}
         self.seeker, self.rest_inputs = self.meta["seeker"], self.meta["rest_inputs"]
+        thr = self.meta.get("defaults", {}).get("thr")
+        self.threshold = THRESHOLD if thr is None else thr
         runtime = runtime or ("openvino" if (folder / "stem.xml").is_file() else "onnxruntime")
         make = {"onnxruntime": _ort_session, "openvino": _ov_session}[runtime]
         self.runtime = runtime

@@ -37,7 +37,7 @@ from so_det_ultra.highres.patches import THRESHOLD, find_centres, make_patches, 
 from so_det_ultra.highres.sparse_head import HEAD_DILATE, dilate, sparse_detect
 from so_det_ultra.nn.esod import SeekerDetect
 from so_det_ultra.nn.graph import layer_inputs as _inputs
-from so_det_ultra.nn.graph import seeker_index
+from so_det_ultra.nn.graph import seeker_index, seeker_threshold
 from so_det_ultra.nn.graph import sources as _sources
 
 
@@ -53,6 +53,8 @@ class SparseModel:
 
     Attributes:
         cell (int): Seeker stride in input pixels (8 for so-det-esod). align (int): Largest model stride in cells.
+        threshold (float): The heatmap threshold used when none is given: the seeker's stored one
+            (``so-det fit-seeker``), else ESOD's default.
     """
 
     def __init__(self, model, device="cpu"):
@@ -70,6 +72,8 @@ class SparseModel:
         self.stride = common.model_stride(self.model)
         self.cell, self.factor = self._measure(device)
         self.align = max(self.stride // self.cell, 1)  # cells per largest stride: corners snap to the deepest grid
+        stored = seeker_threshold(layers)
+        self.threshold = THRESHOLD if stored is None else stored
 
     @torch.no_grad()
     def _measure(self, device) -> tuple[int, dict]:
@@ -260,7 +264,7 @@ def sparse_predict(
     source,
     *,
     imgsz=None,
-    thr: float = THRESHOLD,
+    thr: float | None = None,
     patch: int | None = None,
     margin: int = 2,
     conf: float = 0.25,
@@ -280,7 +284,8 @@ def sparse_predict(
         model: Path (``.pt`` / YAML), ``YOLO``, DetectionModel or a ready :class:`SparseModel`.
         source: Image path, folder, array, or a list of those.
         imgsz (int, optional): Long side of the network input; None keeps the image's own resolution.
-        thr (float): Heatmap threshold for patch centres and activated cells.
+        thr (float, optional): Heatmap threshold for patch centres and activated cells; None = the model's
+            ``threshold`` (the one ``so-det fit-seeker`` stored, else ESOD's 0.3).
         patch (int | tuple, optional): Patch core size in heatmap cells (``SparseModel.cell`` px, 8 for
             so-det-esod), square or (h, w); None = ESOD's w/8 x h/8 cells
             (:func:`~so_det_ultra.highres.patches.official_patch`).
@@ -303,6 +308,7 @@ def sparse_predict(
     from ultralytics.utils.nms import non_max_suppression
 
     sm = model if hasattr(model, "run_rest") else SparseModel(model, device)  # ours or an exported engine
+    thr = sm.threshold if thr is None else thr
     results = []
     for n, (path, img) in enumerate(common.read_images(source)):
         t0 = time.perf_counter()

@@ -53,10 +53,17 @@ class ObjectSeeker(nn.Module):
         c1 (int): Input channels (stride-8 features). k (int): Depthwise kernel size (paper: 13).
         prior (float): Initial objectness probability.
 
+    Attributes:
+        thr (float | None): The heatmap threshold chosen for this seeker after training (``so-det fit-seeker`` stores
+            it; it travels with the checkpoint). Sparse inference uses it when no threshold is given; None means the
+            package default (ESOD's 0.3).
+
     Example:
         >>> ObjectSeeker(64)(torch.randn(2, 64, 80, 80)).shape
         torch.Size([2, 1, 80, 80])
     """
+
+    thr = None  # a class attribute: checkpoints saved before it existed load with None
 
     def __init__(self, c1: int, k: int = 13, prior: float = 0.01):
         super().__init__()

@@ -46,6 +46,13 @@ def seeker_index(model, needed_by: str, hint: str = "use so-det-esod-*.yaml") ->
     return found[0]
 
 
+def seeker_threshold(model) -> float | None:
+    """The heatmap threshold stored on ``model``'s ObjectSeeker (:attr:`ObjectSeeker.thr`), or None."""
+    layers = getattr(model, "model", model)
+    thr = getattr(list(layers)[seeker_index(layers, "a stored threshold")], "thr", None)
+    return None if thr is None else float(thr)
+
+
 def stem_reads(layers, k: int) -> set[int]:
     """Outputs of layers ``0..k`` (the stem) that the layers after ``k`` read."""
     return {j for m in list(layers)[k + 1 :] for j in sources(m) if j <= k}
