@@ -185,6 +185,41 @@ def test_sgdm_equals_spatial_attention_formula_and_gets_gradients():
     _all_params_get_gradients(SGDM(16), torch.randn(2, 16, 8, 8))
 
 
+def _with_old_spatial_bias(model, value=0.7):
+    """``model`` with every RDConv's spatial-branch conv given a bias, as saved before it was removed."""
+    for rd in (m for m in model.modules() if isinstance(m, RDConv)):
+        conv = torch.nn.Conv2d(rd.where.in_channels, 1, 1)
+        conv.weight.data.copy_(rd.where.weight)
+        conv.bias.data.fill_(value)
+        rd.where = conv
+    return model
+
+
+def test_sgdm_weights_saved_with_the_old_spatial_bias_still_load(tmp_path):
+    """The spatial branch's bias had no effect (softmax over positions ignores a common shift) and is gone; weights
+    and whole checkpoints saved with it load and predict as before."""
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8)
+    old = _with_old_spatial_bias(SGDM(16)).eval()
+    new = SGDM(16).eval()
+    new.load_state_dict(old.state_dict())  # strict: the old key is dropped, nothing is missing
+    torch.testing.assert_close(new(x), old(x))
+
+    model = _with_old_spatial_bias(DetectionModel("so-det-sgdm-s.yaml", nc=3, verbose=False)).eval()
+    torch.save({"model": model, "train_args": {}}, tmp_path / "old.pt")  # an Ultralytics checkpoint pickles modules
+    img = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(img)[0]
+        reloaded = YOLO(tmp_path / "old.pt").model.eval()
+        torch.testing.assert_close(reloaded(img)[0], ref)
+        fresh = DetectionModel("so-det-sgdm-s.yaml", nc=3, verbose=False).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fresh(img)[0], ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs,match", [({"k": 4}, "odd"), ({"guide": "x"}, "guide"), ({"razor": 0}, "razor")])
 def test_sgdm_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

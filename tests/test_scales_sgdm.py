@@ -71,7 +71,7 @@ def test_paper_scales_are_so_det_at_full_depth(scale, c3k):
 def _sgdm_params(c, razor=1, k=7, cin=2):
     """Parameter count of one SGDM, from the formula in RDConv's docstring."""
     m = max(c // razor, 4)
-    return c * m + 2 * m + m + 1 + 2 * (m + 1) * cin * k * k + cin * k * k + cin * k + 1
+    return c * m + 2 * m + m + 2 * (m + 1) * cin * k * k + cin * k * k + cin * k + 1
 
 
 def test_yolov8n_sgdm_adds_the_abstract_budget_in_the_backbone():

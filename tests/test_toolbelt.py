@@ -100,16 +100,22 @@ def test_model_tune_two_iterations(visdrone_like, tmp_path):
 # trainer picks its DDP path from a multi-GPU device string and binds each worker to a CUDA device; here the worker
 # count comes from SO_DET_TEST_CPU_DDP and the process group is gloo on CPU. Everything else (generate_ddp_command,
 # torch.distributed.run, the pickled trainer state, DistributedDataParallel, rank-0 saving, the final validation) is
-# Ultralytics' own code.
+# Ultralytics' own code. Each worker records what it did as a file in SO_DET_TEST_DDP_MARKS: the workers share one
+# unbuffered stdout, where their prints interleave mid-line ("CPU-DDP wrappedCPU-DDP wrapped DetectionModel").
 SITECUSTOMIZE = """
 import os
 _N = int(os.environ.get("SO_DET_TEST_CPU_DDP", "0"))
 if _N:
+    from pathlib import Path
+
     import torch
     import torch.distributed as dist
     from ultralytics.engine import trainer as T
 
     _init, _DDP = T.BaseTrainer.__init__, torch.nn.parallel.DistributedDataParallel
+
+    def _mark(name):
+        (Path(os.environ["SO_DET_TEST_DDP_MARKS"]) / name).touch(exist_ok=False)
 
     def __init__(self, *args, **kwargs):
         _init(self, *args, **kwargs)
@@ -117,12 +123,12 @@ if _N:
 
     def _setup_ddp(self):
         dist.init_process_group("gloo", rank=T.RANK, world_size=self.world_size)
-        print(f"CPU-DDP rank {dist.get_rank()} of {dist.get_world_size()}", flush=True)
+        _mark(f"rank {dist.get_rank()} of {dist.get_world_size()}")
 
     class CpuDDP(_DDP):
         def __init__(self, module, device_ids=None, **kwargs):  # CPU modules take no device_ids
             super().__init__(module, **kwargs)
-            print("CPU-DDP wrapped", type(module).__name__, flush=True)
+            _mark(f"rank {dist.get_rank()} wrapped {type(module).__name__}")
 
     T.BaseTrainer.__init__, T.BaseTrainer._setup_ddp = __init__, _setup_ddp
     torch.nn.parallel.DistributedDataParallel = CpuDDP
@@ -150,13 +156,25 @@ def test_stock_ddp_launch_two_cpu_workers(visdrone_like, tmp_path, autoload):
     torch.distributed.run -> pickled trainer) and trains an SO-Det model in both ranks."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = _env(tmp_path, PYTHONPATH=tmp_path / "site", SO_DET_TEST_CPU_DDP=2, SO_DET_ULTRA_AUTOLOAD=autoload)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = _env(
+        tmp_path,
+        PYTHONPATH=tmp_path / "site",
+        SO_DET_TEST_CPU_DDP=2,
+        SO_DET_TEST_DDP_MARKS=marks,
+        SO_DET_ULTRA_AUTOLOAD=autoload,
+    )
     pre = "" if autoload == "1" else "import so_det_ultra\n"
     code = DDP_TRAIN.format(pre=pre, data=visdrone_like, proj=tmp_path)
     proc = run([sys.executable, "-c", code], cwd=tmp_path, env=env, timeout=900)
     text = proc.stdout + proc.stderr
     assert "debug command" in text and "torch.distributed.run --nproc_per_node 2" in text, text[-3000:]
-    assert text.count("CPU-DDP rank") == 2 and "rank 1 of 2" in text, text[-3000:]
-    assert text.count("CPU-DDP wrapped DetectionModel") == 2, text[-3000:]
+    assert sorted(p.name for p in marks.iterdir()) == [
+        "rank 0 of 2",
+        "rank 0 wrapped DetectionModel",
+        "rank 1 of 2",
+        "rank 1 wrapped DetectionModel",
+    ], text[-3000:]
     assert (tmp_path / "ddp" / "weights" / "best.pt").is_file()
     assert (tmp_path / "ddp" / "results.csv").read_text().count("\n") >= 2

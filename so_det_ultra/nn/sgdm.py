@@ -8,11 +8,11 @@ Convolution (RDConv) answers (1) with a "razor" operation and (2) with a spatial
 weight-shared asymmetric static kernels (1xk, kx1, kxk) that guide the dynamic kernel.
 Everything below is an **interpretation of the abstract**, including where the modules go: the abstract reports
 "backbones equipped with SGDM" at "+0.19M on YOLOv8n" (and +0.33M on YOLOv5n). ``cfg/models/yolov8-sgdm.yaml`` reads
-that as one SGDM (k=7, razor=1) after each of YOLOv8's four backbone stages: +183,800 params on YOLOv8n (-3% of the
+that as one SGDM (k=7, razor=1) after each of YOLOv8's four backbone stages: +183,796 params on YOLOv8n (-3% of the
 abstract's figure). ``razor=1`` keeps the razor conv at C channels; the razor that makes the generator cheap is then the
 pooling of the whole map into two m-vectors (channel and spatial branch) before any kernel weight is generated, so the
 generator's size does not grow with H x W. ``cfg/models/yolov8-sgdm-neck.yaml`` (SGDM on the neck outputs, razor=16,
-+11,878) is the light variant. See docs/blocks.md.
++11,875) is the light variant. See docs/blocks.md.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ class RDConv(nn.Module):
         z     = Conv1x1_{C -> m}(x),  m = max(C // razor, 4)       "razor": shave C channels to a thin m first, so
                                                                     every generator weight scales with m, not C
         g     = GAP(z)                                              channel branch (what is present)
-        p     = sum_{hw} softmax_{hw}(Conv1x1_{m -> 1}(z)) z_{hw}   spatial branch (attention pooling: where it is)
+        p     = sum_{hw} softmax_{hw}(Conv1x1_{m -> 1}(z)) z_{hw}   spatial branch (attention pooling: where it is);
+                                                                    the 1x1 conv has no bias: softmax over H*W
+                                                                    ignores a shift shared by every position
         D     = reshape(Linear_c(g) + Linear_s(p)) in R^{cin x k x k}   dynamic kernel offsets
         W_s   = K + row(a) + col(a)      static guide: kxk kernel K plus ONE k-tap vector a per input channel used
                                          both as the 1xk (centre row) and the kx1 (centre column) kernel (shared)
@@ -76,8 +78,8 @@ class RDConv(nn.Module):
     a bounded multiplicative modulation keeps the kernel's shape that of the (smooth, shared-weight) static kernel.
     With a constant generator (D the same for every input) RDConv is exactly a static conv with kernel W_s(1+tanh D).
 
-    Parameters: ``C*m + 2m`` (razor conv + BN) ``+ m + 1`` (spatial branch) ``+ 2(m + 1) cin k^2`` (generators)
-    ``+ cin k^2 + cin k + 1`` (static guide, shared taps, bias); for cin=2, k=7: ``C*m + 199m + 310``.
+    Parameters: ``C*m + 2m`` (razor conv + BN) ``+ m`` (spatial branch) ``+ 2(m + 1) cin k^2`` (generators)
+    ``+ cin k^2 + cin k + 1`` (static guide, shared taps, bias); for cin=2, k=7: ``C*m + 199m + 309``.
 
     Args:
         c1 (int): Guide-feature channels C. cin (int): Channels of the map being convolved. k (int): Odd kernel size.
@@ -96,13 +98,18 @@ class RDConv(nn.Module):
         m = max(c1 // razor, 4)
         self.cin, self.k, self.mul = cin, k, guide == "mul"
         self.razor = Conv(c1, m, 1)
-        self.where = nn.Conv2d(m, 1, 1)
+        self.where = nn.Conv2d(m, 1, 1, bias=False)  # a bias would shift every position's logit alike: no effect
         self.gen_c = nn.Linear(m, cin * k * k)
         self.gen_s = nn.Linear(m, cin * k * k)
         self.static = nn.Parameter(torch.empty(cin, k, k))
         self.shared = nn.Parameter(torch.zeros(cin, k))  # the 1xk == kx1 shared taps
         self.bias = nn.Parameter(torch.zeros(1))
         nn.init.kaiming_uniform_(self.static.view(1, cin, k, k), a=5**0.5)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Weights saved before ``where`` lost its bias still load strictly: that bias never changed the output."""
+        state_dict.pop(f"{prefix}where.bias", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def static_kernel(self) -> torch.Tensor:
         """W_s = K + row(a) + col(a), (cin, k, k)."""
