@@ -8,12 +8,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import FAST, yolo
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
-from so_det_ultra import paths
 from so_det_ultra.integration.esod import carry_areas
 from so_det_ultra.losses.esod import AREA_KEY, ESODLoss, box_weights
 from so_det_ultra.training.esod import patch_preds, train_config
@@ -116,25 +113,8 @@ def test_warmup_forward_keeps_every_uniform_patch():
         assert out["patch_size"] == (16, 16)
 
 
-@pytest.mark.cli
-def test_esod_s_trains_the_official_way_through_yolo_train(tiny_data, workdir, tmp_path):
-    out = yolo(
-        "train",
-        "model=so-det-esod-s.yaml",
-        f"data={tiny_data}",
-        *FAST,
-        "imgsz=128",
-        f"project={tmp_path}",
-        "name=s",
-        cwd=workdir,
-    )
-    log = out.stdout + out.stderr
-    assert "ESOD patch training: 8x8 uniform patches per image (all kept in every epoch)" in log, log[-3000:]
-    rows = (tmp_path / "s" / "results.csv").read_text().splitlines()
-    assert "train/seek_loss" in rows[0] and len(rows) == 2
-    ckpt = torch.load(tmp_path / "s" / "weights" / "last.pt", weights_only=False)
-    assert ckpt["model"].yaml["esod_train"]["warmup_keep"] == "all" and ckpt["model"].yaml["scale"] == "s"
-    assert yaml.safe_load(paths.model_cfg("so-det-esod.yaml").read_text())["esod_train"]["patch"] == 8
+# The official recipe through the stock `yolo train` (one run, which also feeds `so-det predict`): tests/test_highres.py
+# test_esod_trains_the_official_way_with_stock_cli_and_predicts_sparse.
 
 
 # --- official slicer geometry -----------------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import BIN, FAST, clean_env, run, yolo
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
+from so_det_ultra import paths
 from so_det_ultra.highres import SparseModel, make_patches, select_patches, sparse_predict
 from so_det_ultra.highres.patches import THRESHOLD
 from so_det_ultra.losses.esod import ESODLoss, heatmap_target
@@ -275,10 +277,12 @@ def test_sparse_needs_a_seeker():
 
 
 @pytest.mark.cli
-def test_esod_trains_with_stock_cli_and_predicts_sparse(tiny_data, workdir, tmp_path):
+def test_esod_trains_the_official_way_with_stock_cli_and_predicts_sparse(tiny_data, workdir, tmp_path):
+    """One stock ``yolo train`` of so-det-esod-s (the official recipe: patch training with every uniform patch kept),
+    then ``so-det predict`` in each mode on its checkpoint under safe loading."""
     out = yolo(
         "train",
-        "model=so-det-esod-n.yaml",
+        "model=so-det-esod-s.yaml",
         f"data={tiny_data}",
         *FAST,
         "imgsz=128",  # the shipped YAML trains on 8x8 patches, which must be multiples of stride 16
@@ -286,10 +290,14 @@ def test_esod_trains_with_stock_cli_and_predicts_sparse(tiny_data, workdir, tmp_
         "name=t",
         cwd=workdir,
     )
-    assert "seek_loss" in out.stdout + out.stderr
-    assert "ESOD patch training: 8x8 uniform patches per image (all kept in every epoch)" in out.stdout + out.stderr
-    header = (tmp_path / "t" / "results.csv").read_text().splitlines()[0]
-    assert "train/seek_loss" in header and "val/seek_loss" in header
+    log = out.stdout + out.stderr
+    assert "seek_loss" in log
+    assert "ESOD patch training: 8x8 uniform patches per image (all kept in every epoch)" in log, log[-3000:]
+    rows = (tmp_path / "t" / "results.csv").read_text().splitlines()
+    assert "train/seek_loss" in rows[0] and "val/seek_loss" in rows[0] and len(rows) == 2
+    ckpt = torch.load(tmp_path / "t" / "weights" / "last.pt", weights_only=False)
+    assert ckpt["model"].yaml["esod_train"]["warmup_keep"] == "all" and ckpt["model"].yaml["scale"] == "s"
+    assert yaml.safe_load(paths.model_cfg("so-det-esod.yaml").read_text())["esod_train"]["patch"] == 8
     best = tmp_path / "t" / "weights" / "best.pt"
     image = next((tiny_data.parent / "images" / "val").glob("*.png"))
     for mode in ("sparse", "sliced", "dense"):
