@@ -66,16 +66,23 @@ def os_error_text(err: OSError) -> str:
 
 
 @contextmanager
-def _writing(tmp: Path, path):
-    """Remove ``tmp`` if the block fails; an OS error that names no file (a full disk) is raised naming ``path``
-    (``[Errno 28] No space left on device: 'path'``)."""
+def naming(path):
+    """An OS error of the block that names no file (a full disk) is raised naming ``path``: ``[Errno 28] No space
+    left on device: 'path'``."""
     try:
         yield
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         if err.filename is None and err.errno is not None:
             raise OSError(err.errno, err.strerror or str(err), str(path)) from err
         raise
+
+
+@contextmanager
+def _writing(tmp: Path, path):
+    """:func:`naming` ``path``; ``tmp`` is removed if the block fails."""
+    try:
+        with naming(path):
+            yield
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

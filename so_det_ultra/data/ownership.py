@@ -197,6 +197,7 @@ class Ownership:
         self.temp_removed = 0  # temporary files of dead runs removed by start()
         self._journal = None
         self._staged: list = []  # (temporary file, path) pairs moved into place when the transaction ends
+        self._temps: set = set()  # temporary files handed out by temp_for() and not installed yet
         self._created: list = []  # paths created (nothing was there) in the open transaction
         self._doomed: list = []  # stale paths deleted when the run finishes
         self._finished = False
@@ -325,12 +326,20 @@ class Ownership:
         self.claim(path)
         fd, tmp = _io.create_temp(path, keep_suffix)
         os.close(fd)
+        self._temps.add(tmp)
         return tmp
+
+    def adopt(self, tmp: Path) -> Path:
+        """Count ``tmp``, a temporary file a writer makes beside one of :meth:`temp_for` (e.g. OpenVINO's ``.bin``
+        beside its ``.xml``), as this transaction's: removed if it fails."""
+        self._temps.add(Path(tmp))
+        return Path(tmp)
 
     def install(self, tmp: Path, path: Path) -> None:
         """Move the complete temporary file ``tmp`` to ``path``: now when nothing is there, else when the
         transaction ends (the file it replaces stays whole until then)."""
         _io.check_inside(path, self.dst)
+        self._temps.discard(tmp)
         if path.exists() or path.is_symlink():
             self._staged.append((tmp, path))
             return
@@ -343,8 +352,9 @@ class Ownership:
         Path(folder).mkdir(parents=True, exist_ok=True)
         return Path(folder)
 
-    @staticmethod
-    def discard(tmp: Path) -> None:
+    def discard(self, tmp: Path) -> None:
+        """Remove a temporary file of :meth:`temp_for` that will not be installed."""
+        self._temps.discard(tmp)
         Path(tmp).unlink(missing_ok=True)
 
     def remove_stale(self, folder: Path, keep: set) -> list[Path]:
@@ -379,9 +389,10 @@ class Ownership:
             os.replace(tmp, path)
 
     def rollback(self) -> None:
-        """Remove the staged temporary files and the files the open transaction created."""
-        for tmp, _ in self._staged:
+        """Remove the staged and handed-out temporary files and the files the open transaction created."""
+        for tmp in [t for t, _ in self._staged] + sorted(self._temps):
             tmp.unlink(missing_ok=True)
+        self._temps = set()
         for path in self._created:
             path.unlink(missing_ok=True)
             self.written.discard(self.rel(path))

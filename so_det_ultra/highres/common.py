@@ -140,8 +140,11 @@ def _load_error(err: Exception, alias: Path, path: Path) -> ValueError:
         return UnsafeCheckpointError(f"{path}: safe loading refused it ({cause}); {UNSAFE_HINT}")
     if type(err).__module__.startswith("so_det_ultra"):  # e.g. a checkpoint naming blocks this version lacks
         return CheckpointError(_one_line(err, alias, path))
-    why = _one_line(err.__cause__ or err, alias, path).split(": ", 1)[-1]
-    return CheckpointError(f"{path}: not a loadable checkpoint ({type(err.__cause__ or err).__name__}: {why})")
+    cause = err.__cause__ or err
+    found = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(cause))  # torch's reason, after its preamble
+    why = found.group(1) if found else _one_line(cause, alias, path).split(": ", 1)[-1]
+    why = "the file ends early" if why in ("", type(cause).__name__) else why[:200]
+    return CheckpointError(f"{path}: not a loadable checkpoint ({type(cause).__name__}: {why})")
 
 
 def safe_checkpoint(path: Path, shown: Path | None = None):

@@ -66,10 +66,11 @@ def export_sparse(
     check_lock_timeout(lock_timeout)
     Ownership.check(folder, "export", force)  # refuse before the model loads and before the lock file is created
     sm = SparseModel(load_model(model, "cpu", unsafe_load=unsafe_load), "cpu")
+    kept = f"the earlier export in {folder} is intact" if is_sparse_export(folder) else "nothing was exported"
     with dst_lock(folder, lock_timeout):
         owner = Ownership.start(folder, "export", {"format": format}, force)
         try:
-            with owner.transaction(f"the earlier export in {folder} is intact"):
+            with owner.transaction(kept):
                 _write(owner, folder, sm, format)
                 owner.finish()
         finally:
@@ -93,9 +94,11 @@ def _write(owner, folder: Path, sm, format: str) -> None:
         with torch.no_grad():
             crops = _rest_example(sm, rest_ids)
             stem_out = [f"layer{j}" for j in stem_ids]
-            _export_onnx(_stem_module(sm, stem_ids), _stem_example(sm), graphs["stem"], ["images"], stem_out)
+            with _io.naming(folder / "stem.onnx"):
+                _export_onnx(_stem_module(sm, stem_ids), _stem_example(sm), graphs["stem"], ["images"], stem_out)
             rest_in = [f"layer{j}" for j in rest_ids]
-            _export_onnx(_rest_module(sm, rest_ids), crops, graphs["rest"], rest_in, ["output0"])
+            with _io.naming(folder / "rest.onnx"):
+                _export_onnx(_rest_module(sm, rest_ids), crops, graphs["rest"], rest_in, ["output0"])
     finally:
         head.export, head.format, head.dynamic = flags
     written = {f"{name}.onnx" for name in graphs}
@@ -192,6 +195,8 @@ def _export_onnx(module, args, path: Path, inputs: list[str], outputs: list[str]
 
 def _to_openvino(owner, folder: Path, graphs: dict) -> set:
     """``stem.xml/.bin`` and ``rest.xml/.bin`` converted from the (temporary) ONNX graphs; the names written."""
+    from so_det_ultra.data import _io
+
     try:
         import openvino as ov
     except ImportError as e:
@@ -199,9 +204,11 @@ def _to_openvino(owner, folder: Path, graphs: dict) -> set:
     for name, onnx in graphs.items():
         xml = owner.temp_for(folder / f"{name}.xml")
         owner.claim(folder / f"{name}.bin")
-        ov.save_model(ov.convert_model(str(onnx)), str(xml))
+        weights = owner.adopt(xml.with_suffix(".bin"))  # OpenVINO writes the weights beside the XML
+        with _io.naming(folder / f"{name}.xml"):
+            ov.save_model(ov.convert_model(str(onnx)), str(xml))
         owner.install(xml, folder / f"{name}.xml")
-        owner.install(xml.with_suffix(".bin"), folder / f"{name}.bin")
+        owner.install(weights, folder / f"{name}.bin")
     return {f"{name}.{ext}" for name in graphs for ext in ("xml", "bin")}
 
 

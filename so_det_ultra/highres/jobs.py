@@ -98,9 +98,13 @@ def _hash_file(path: Path, h) -> None:
 
 
 def weights_digest(model, known: dict | None = None) -> dict | None:
-    """``{"sha256", "size", "mtime_ns"}`` of the model file (or of every file of a model folder, e.g. a sparse
-    export), None for a model given by name; ``known`` (the entry of an earlier ``job.json``) is reused when the size
-    and modification time still match (no rehashing of an unchanged file)."""
+    """``{"sha256", "path", "size", "mtime_ns", "ctime_ns", "files"}`` of the model file (or of every file of a model
+    folder, e.g. a sparse export), None for a model given by name.
+
+    ``known`` (the entry of an earlier ``job.json``) is reused without rehashing when path, total size and the latest
+    modification and status-change times still match: a file replaced in any way (even with its old modification
+    time restored) changes its status-change time, and is hashed again.
+    """
     path = Path(str(model))
     if not path.exists():
         return None
@@ -110,15 +114,24 @@ def weights_digest(model, known: dict | None = None) -> dict | None:
         if p.is_file() and p.name not in BOOKKEEPING and not _io.TEMP_RE.match(p.name)
     )
     stats = [p.stat() for p in files]
-    size, mtime = sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)
-    if isinstance(known, dict) and known.get("size") == size and known.get("mtime_ns") == mtime:
-        if isinstance(known.get("sha256"), str) and known.get("files", 1) == len(files):
-            return dict(known)
+    stamp = {
+        "path": str(path.resolve()),
+        "size": sum(st.st_size for st in stats),
+        "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
+        "ctime_ns": max((st.st_ctime_ns for st in stats), default=0),
+        "files": len(files),
+    }
+    if (
+        isinstance(known, dict)
+        and isinstance(known.get("sha256"), str)
+        and all(known.get(k) == v for k, v in stamp.items())
+    ):
+        return dict(known)
     h = hashlib.sha256()
     for p in files:
         h.update(p.relative_to(path).as_posix().encode() + b"\0" if path.is_dir() else b"")
         _hash_file(p, h)
-    return {"sha256": h.hexdigest(), "size": size, "mtime_ns": mtime, "files": len(files)}
+    return {"sha256": h.hexdigest(), **stamp}
 
 
 class Job:

@@ -16,6 +16,7 @@ warns once, naming the frame and the sliced and sparse modes, which bound memory
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +88,12 @@ def run(open_model, inputs: list, settings: Settings, signature: dict, shard=Non
             stats = _predict_all(predictor, job, owner, todo, settings, log)
             stats.update(inputs=len(items), skipped=len(items) - len(todo))
             stats["predictions"] = job.assemble(owner)[0] if settings.save_json else None
-        finally:
-            owner.finish()
+        except BaseException:
+            with contextlib.suppress(OSError):  # record what the finished inputs wrote; the first error is the news
+                owner.finish()
+            owner.close()
+            raise
+        owner.finish()
     return stats
 
 
