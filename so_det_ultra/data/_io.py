@@ -275,27 +275,6 @@ def json_text(obj) -> str:
     return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
-def write_json(path: Path, obj) -> bool:
-    """:func:`json_text`, written atomically."""
-    return atomic_write_text(path, json_text(obj))
-
-
-def place_image(src: Path, dst: Path, mode: str = "copy") -> bool:
-    """Put the source image at ``dst`` (``copy`` keeps the mtime, ``hardlink``, ``symlink``); skip if already there.
-
-    The source file is only read, never moved or modified.
-    """
-    if same_placement(src, dst, mode):
-        return False
-    tmp = place_temp(src, dst, mode)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return True
-
-
 def stale_files(folder: Path, keep: set, owned) -> list[Path]:
     """The files in ``folder`` (not recursive) whose names are not in ``keep`` and for which ``owned(path)`` is true:
     what a rerun removes as stale. Files a run did not write (``owned`` false) are never listed; a folder that is a

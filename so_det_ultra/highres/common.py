@@ -237,8 +237,8 @@ def load_model(model, device="cpu", fuse: bool = True, unsafe_load: bool = False
 def read_images(source) -> list[tuple[str, np.ndarray]]:
     """``(path, BGR array)`` pairs from a file, a folder, a list of those, or arrays (named ``image0.jpg``...).
 
-    A file in a folder that is not a readable image is skipped with a warning; one named directly raises
-    ``FileNotFoundError``.
+    A file in a folder that is not a readable image (or not a regular file: a named pipe is never opened) is skipped
+    with a warning; one named directly raises ``FileNotFoundError``.
     """
     items = source if isinstance(source, (list, tuple)) else [source]
     out = []
@@ -251,7 +251,7 @@ def read_images(source) -> list[tuple[str, np.ndarray]]:
         if p.is_dir() and not files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
         for f in files:
-            img = cv2.imread(str(f))
+            img = cv2.imread(str(f)) if f.is_file() else None  # a named pipe or a device is never opened
             if img is None and p.is_dir():  # one bad file in a folder does not stop the others
                 from ultralytics.utils import LOGGER
 

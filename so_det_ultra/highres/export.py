@@ -110,7 +110,9 @@ def _write(owner, folder: Path, sm, format: str) -> None:
         owner.install(tmp, folder / f"{name}.onnx")
     owner.remove_stale(folder, written | {META})  # an earlier export's files this one does not write
     owner.claim(folder / META)
-    meta = _io.write_temp(folder / META, json.dumps(_metadata(sm, format, stem_ids, rest_ids), indent=2).encode())
+    meta = owner.adopt(
+        _io.write_temp(folder / META, json.dumps(_metadata(sm, format, stem_ids, rest_ids), indent=2).encode())
+    )
     (folder / META).unlink(missing_ok=True)  # never old metadata beside new graphs, even while the files move in
     owner.commit()
     owner.install(meta, folder / META)  # last: the folder is an export again

@@ -31,7 +31,6 @@ from pathlib import Path
 
 from so_det_ultra.data import _io
 from so_det_ultra.data.ownership import BOOKKEEPING
-from so_det_ultra.highres.outputs import json_text
 
 JOB_FILE, RESULTS, PREDICTIONS = "job.json", "results", "predictions.json"
 SIGNATURE_KEYS = ("model", "mode", "options")  # what every job.json signature holds
@@ -198,9 +197,15 @@ class Job:
                         f"--save-dir {self.dir}: the output {p.name} would overwrite the source file {p}; "
                         "choose a --save-dir outside the source folders"
                     )
-        self.old = read_json(self.dir / JOB_FILE)
-        exists = (self.dir / JOB_FILE).exists() or (self.dir / JOB_FILE).is_symlink()
-        problem = job_problem(self.old) if exists else None
+        path = self.dir / JOB_FILE
+        self.old = read_json(path)
+        exists = path.exists() or path.is_symlink()
+        if not exists:
+            problem = None
+        elif self.old is None:
+            problem = "it is a symbolic link" if path.is_symlink() else "it is not readable JSON"
+        else:
+            problem = job_problem(self.old)
         ours = problem is None and exists and self.old.get("signature") == self.signature
         if exists and not ours and not force:
             self._refuse_other(problem)
@@ -254,7 +259,7 @@ class Job:
         with owner.transaction(f"{self.dir / JOB_FILE} is as it was"):
             doc = {"signature": self.signature, "weights": self.weights}
             doc["inputs"] = [[i, inp.path, inp.kind, inp.name] for i, inp in self.items]
-            owner.write_text(self.dir / JOB_FILE, json_text(doc))
+            owner.write_text(self.dir / JOB_FILE, _io.json_text(doc))
         return notes
 
     def _drop_records(self, owner) -> int:
@@ -272,7 +277,7 @@ class Job:
     def commit(self, owner, inp, record: dict, files: list) -> None:
         """Write the input's record (last, after its other outputs ``files``): from now on the input is done."""
         doc = {"input": inp.path, "kind": inp.kind, "job": self.key, "files": [self.rel(p) for p in files], **record}
-        owner.write_text(self.record_path(inp), json_text(doc))
+        owner.write_text(self.record_path(inp), _io.json_text(doc))
 
     def assemble(self, owner) -> tuple[Path, int]:
         """Write ``predictions.json`` from the records of this run's inputs, in input order; (path, rows)."""

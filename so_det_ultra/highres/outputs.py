@@ -18,16 +18,10 @@ Formats:
 from __future__ import annotations
 
 import errno
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
-
-
-def json_text(obj) -> str:
-    """Compact JSON with a final newline (the records and ``job.json``)."""
-    return json.dumps(obj, indent=None, separators=(",", ":")) + "\n"
 
 
 def write_image(owner, path, img: np.ndarray) -> Path:
