@@ -17,10 +17,12 @@ Ultralytics nor any other so-det-ultra module at import time. More: docs/archite
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import importlib
 import math
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -253,3 +255,22 @@ def register_loss(cls=None, *, name=None):
 def register_safe_global(cls):
     """Allow ``cls`` (a sub-module that is not a YAML layer) in weights-only checkpoint loads; usable as a decorator."""
     return SAFE_GLOBALS.add(cls)
+
+
+_STRICT_YAMLS = contextvars.ContextVar("so_det_strict_yamls", default=False)
+
+
+@contextmanager
+def strict_yamls():
+    """Inside the block every model YAML built is held to the plugin's rules (a plain ``nn.<Name>(<literal args>)``
+    ``activation:``), also one that uses Ultralytics blocks only: so-det-ultra's commands build YAMLs this way."""
+    token = _STRICT_YAMLS.set(True)
+    try:
+        yield
+    finally:
+        _STRICT_YAMLS.reset(token)
+
+
+def yamls_strict() -> bool:
+    """True inside :func:`strict_yamls`."""
+    return _STRICT_YAMLS.get()

@@ -129,7 +129,13 @@ def export(ckpt, fmt, *extra):
 def test_sparse_export_matches_pytorch_sparse(ckpt):
     export(ckpt, "onnx")
     folder = ckpt.parent / "esod_sparse_onnx"
-    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "rest.onnx", "stem.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".so-det-manifest.json",  # the folder is owned and locked as every output folder
+        ".so-det.lock",
+        "metadata.json",
+        "rest.onnx",
+        "stem.onnx",
+    ]
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["cell"] == 8 and meta["stride"] == 16 and len(meta["names"]) == 10
     ref, (got,) = predict(ckpt, "sparse", {"conf": CONF}, folder)

@@ -185,8 +185,8 @@ KILL_AFTER_TWO = """
 import os, sys
 from so_det_ultra.highres import jobs
 commit, n = jobs.Job.commit, [0]
-def dying_commit(self, inp, record):
-    commit(self, inp, record)
+def dying_commit(self, *args):
+    commit(self, *args)
     n[0] += 1
     if n[0] == 2:
         os._exit(9)  # no clean-up, as SIGKILL
@@ -204,7 +204,7 @@ def test_killed_run_resumed_equals_an_uninterrupted_run(esod_pt, mixed_source, t
     proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert len(list((out / jobs.RESULTS).glob("*.json"))) == 2 and not (out / "predictions.json").exists()
-    (out / ".clip.999999999.tmp.mp4").write_bytes(b"half a video")  # as left by a run killed mid-video
+    (out / ".clip.999999999-00ff.tmp.mp4").write_bytes(b"half a video")  # as left by a run killed mid-video
     res = run([BIN / "so-det", *map(str, base), "--save-dir", out, "--resume"], cwd=tmp_path, env=clean_env())
     assert "2 done before (--resume)" in res.stdout
     assert (out / "predictions.json").read_bytes() == (tmp_path / "whole" / "predictions.json").read_bytes()
@@ -262,11 +262,14 @@ def test_another_jobs_predictions_and_user_files_are_not_overwritten(esod_pt, tm
     out.mkdir()
     (out / "predictions.json").write_text("[]  mine")
     argv = ["predict", "--model", esod_pt, "--source", src, *FAST, "--save-dir", out, "--save-json"]
-    assert so_det(*argv) == 2 and "not written by this job" in capsys.readouterr().err
+    assert (
+        so_det(*argv) == 2
+        and "predictions.json exists and was not written by so-det predict" in capsys.readouterr().err
+    )
     assert so_det(*argv, "--resume") == 2 and (out / "predictions.json").read_text() == "[]  mine"
     (out / "predictions.json").unlink()
     (out / "im0.jpg").write_bytes(b"user's own")
-    assert so_det(*argv) == 2 and "already holds im0.jpg" in capsys.readouterr().err
+    assert so_det(*argv) == 2 and "im0.jpg exists and was not written by so-det predict" in capsys.readouterr().err
     assert (out / "im0.jpg").read_bytes() == b"user's own"
     assert so_det(*argv, "--force") == 0 and (out / "im0.jpg").read_bytes() != b"user's own"
     assert so_det(*argv) == 0  # the same job again: its own files

@@ -1,12 +1,18 @@
-"""File helpers of the dataset converters: atomic, change-only writes, image placement, archives, stale files.
+"""File helpers of every command that writes a folder: safe temporary files, atomic writes, links, archives.
 
 Every output file is written to a temporary file in the same folder and moved into place with :func:`os.replace`,
-so an interrupted run never leaves a half-written label or image behind. A file whose bytes would not change is not
-rewritten at all, which keeps reruns idempotent down to the modification times (Ultralytics' label cache stays
-valid). Temporary files are named after the process that writes them (``.<name>.<pid>-<random>.tmp``); those a killed
-run left behind are removed by the next run (:func:`remove_temp`), never those of a process that is still running.
-Every file written here gets the permissions a new file gets from the umask (``0o666 & ~umask``: 0644 under the
-usual umask 022), also when it is a copy of a source image with other permissions.
+so an interrupted run never leaves a half-written file behind. Temporary files are created with exclusive,
+no-follow flags (``O_CREAT | O_EXCL | O_NOFOLLOW``) under unpredictable names that carry the writer's PID
+(``.<name>.<pid>-<random>.tmp``, or ``.<name>.<pid>-<random>.tmp<suffix>`` where a writer picks its format from the
+suffix); those a killed run left behind are removed by the next run (:func:`remove_temp`), never those of a process
+that is still running. A file whose bytes would not change is not rewritten at all, which keeps reruns idempotent
+down to the modification times (Ultralytics' label cache stays valid). Every file written here gets the permissions a
+new file gets from the umask (``0o666 & ~umask``: 0644 under the usual umask 022), also when it is a copy of a source
+image with other permissions.
+
+Links: :func:`check_inside` refuses a path whose folders below the output root include a symbolic link, so no write
+or deletion lands outside the output folder; :func:`os.replace` onto a link replaces the link itself. An OS error
+raised while a file is written names that file.
 
 Fault injection for tests: with ``SO_DET_FAULT_KILL_AFTER=N`` in the environment, the process SIGKILLs itself right
 after its N-th temporary file is complete and before it is moved into place (the worst moment for a crash).
@@ -14,6 +20,7 @@ after its N-th temporary file is complete and before it is moved into place (the
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -22,13 +29,22 @@ import shutil
 import signal
 import stat
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 IMAGE_MODES = ("copy", "hardlink", "symlink")
-TEMP_GLOB = ".*.tmp"  # names of the temporary files below: ".<name>.<pid>-<random>.tmp"
-TEMP_RE = re.compile(r"^\..+\.(\d+)-[0-9a-f]+\.tmp$")
+TEMP_GLOB = ".*.tmp*"  # names of the temporary files below: ".<name>.<pid>-<random>.tmp[<suffix>]"
+TEMP_RE = re.compile(r"^\..+\.(\d+)-[0-9a-f]+\.tmp(\.[A-Za-z0-9]+)?$")
 FAULT_ENV = "SO_DET_FAULT_KILL_AFTER"
+NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows has no symbolic links a user creates by accident
+_EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_BINARY", 0)
 _writes = [0]  # temporary files completed in this process (for FAULT_ENV)
+
+
+class DestinationError(ValueError):
+    """An output folder or file cannot be used as asked (guard, link, ownership or lock); the message says what to
+    do."""
 
 
 def _fault_point() -> None:
@@ -49,9 +65,140 @@ def os_error_text(err: OSError) -> str:
     return text
 
 
-def temp_path(path: Path) -> Path:
-    """A fresh temporary name next to ``path``, owned by this process: ``.<name>.<pid>-<random>.tmp``."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+@contextmanager
+def naming(path):
+    """An OS error of the block that names no file (a full disk) is raised naming ``path``: ``[Errno 28] No space
+    left on device: 'path'``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
+
+
+@contextmanager
+def _writing(tmp: Path, path):
+    """:func:`naming` ``path``; ``tmp`` is removed if the block fails."""
+    try:
+        with naming(path):
+            yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_inside(path, root) -> Path:
+    """``path`` if it lies lexically inside ``root`` and no folder or file between them is a symbolic link.
+
+    ``root`` itself may be a link (a DST the user pointed somewhere). Raises :class:`DestinationError` naming the
+    link: so-det-ultra never writes, deletes or unpacks through a link it did not make.
+    """
+    path, root = Path(path), Path(root)
+    try:
+        rel = Path(os.path.normpath(path)).relative_to(os.path.normpath(root))
+    except ValueError:
+        raise DestinationError(f"{path} lies outside the output folder {root}; nothing is written there") from None
+    if ".." in rel.parts:
+        raise DestinationError(f"{path} lies outside the output folder {root}; nothing is written there")
+    cur = root
+    for part in rel.parts[:-1]:
+        cur = cur / part
+        if cur.is_symlink():
+            raise DestinationError(
+                f"{cur} is a symbolic link (to {os.readlink(cur)}); so-det-ultra writes only into real folders "
+                f"inside {root}: remove the link (or replace it by a folder), or write elsewhere"
+            )
+    return path
+
+
+def temp_path(path: Path, keep_suffix: bool = False) -> Path:
+    """A fresh temporary name next to ``path``, owned by this process: ``.<name>.<pid>-<random>.tmp``, with
+    ``keep_suffix`` ``.<stem>.<pid>-<random>.tmp<suffix>`` (OpenCV picks the format from the suffix)."""
+    path = Path(path)
+    token = f"{os.getpid()}-{secrets.token_hex(8)}.tmp"
+    if keep_suffix and path.suffix:
+        return path.with_name(f".{path.stem}.{token}{path.suffix}")
+    return path.with_name(f".{path.name}.{token}")
+
+
+def create_temp(path, keep_suffix: bool = False) -> tuple[int, Path]:
+    """``(fd, temporary path)`` of a new, empty file next to ``path``, opened for writing with exclusive, no-follow
+    flags (an existing file or link of that name is never opened)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(8):
+        tmp = temp_path(path, keep_suffix)
+        try:
+            return os.open(tmp, _EXCLUSIVE, 0o666), tmp  # umask applies
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+def write_temp(path, data: bytes) -> Path:
+    """A complete temporary file next to ``path`` holding ``data``; an OS error (full disk) names ``path``."""
+    fd, tmp = create_temp(path)
+    with _writing(tmp, path):
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        _fault_point()
+    return tmp
+
+
+def copy_temp(src, path) -> Path:
+    """A temporary copy of ``src`` next to ``path``, with ``src``'s modification time and the umask's permissions."""
+    st = os.stat(src)
+    fd, tmp = create_temp(path)
+    with _writing(tmp, path):
+        with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
+            shutil.copyfileobj(s, f, 1 << 20)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        _fault_point()
+    return tmp
+
+
+def link_temp(src, path, mode: str) -> Path:
+    """A temporary hardlink (``mode`` ``hardlink``) or symbolic link to ``src``'s resolved path next to ``path``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(8):
+        tmp = temp_path(path)
+        try:
+            os.link(src, tmp) if mode == "hardlink" else os.symlink(Path(src).resolve(), tmp)
+            _fault_point()
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+def same_bytes(path, data: bytes) -> bool:
+    """True when ``path`` is a regular file (not a link) holding exactly ``data``."""
+    try:
+        st = os.lstat(path)
+        return stat.S_ISREG(st.st_mode) and st.st_size == len(data) and Path(path).read_bytes() == data
+    except FileNotFoundError:
+        return False
+
+
+def same_placement(src, dst, mode: str) -> bool:
+    """True when ``dst`` already is ``src`` placed by ``mode``: a copy with its size and modification time (what a
+    copy keeps), a hardlink to it, or a symbolic link to its resolved path."""
+    src, dst = Path(src), Path(dst)
+    if mode == "symlink":
+        return dst.is_symlink() and Path(os.readlink(dst)) == src.resolve()
+    if dst.is_symlink() or not dst.is_file():
+        return False
+    s, d = src.stat(), dst.stat()
+    if mode == "hardlink":
+        return os.path.samefile(src, dst)
+    return d.st_size == s.st_size and d.st_mtime_ns == s.st_mtime_ns
+
+
+def place_temp(src, path, mode: str = "copy") -> Path:
+    """A temporary file next to ``path`` that is ``src`` placed by ``mode`` (``copy``, ``hardlink``, ``symlink``)."""
+    if mode not in IMAGE_MODES:
+        raise ValueError(f"image mode must be one of {IMAGE_MODES}, got {mode!r}")
+    return copy_temp(src, path) if mode == "copy" else link_temp(src, path, mode)
 
 
 def pid_alive(pid: int) -> bool:
@@ -68,18 +215,30 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_temp(folder: Path) -> int:
-    """Delete the temporary files that dead processes left directly inside ``folder``; return how many.
+    """Delete the temporary files and work folders that dead processes left directly inside ``folder``; return how
+    many.
 
-    Only names of the form :func:`temp_path` writes are considered, and only when the process named in them is gone.
+    Only names of the form :func:`temp_path` writes are considered, and only when the process named in them is gone;
+    a link of such a name is removed as a link, never followed.
     """
     folder = Path(folder)
     n = 0
-    for p in folder.glob(TEMP_GLOB) if folder.is_dir() else ():
+    for p in folder.glob(TEMP_GLOB) if folder.is_dir() and not folder.is_symlink() else ():
         m = TEMP_RE.match(p.name)
-        if m and not pid_alive(int(m.group(1))) and (p.is_file() or p.is_symlink()):
+        if not m or pid_alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
             p.unlink(missing_ok=True)
-            n += 1
+        n += 1
     return n
+
+
+def work_dir(parent, name: str) -> Path:
+    """A fresh work folder name under ``parent`` owned by this run (``.<name>.<pid>-<random>.tmp``), not created;
+    a folder of the user's called ``name`` is never touched, and a dead run's is swept by :func:`remove_temp`."""
+    return temp_path(Path(parent) / name)
 
 
 def file_mode() -> int:
@@ -90,20 +249,15 @@ def file_mode() -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` atomically unless the file already holds exactly these bytes. True if written."""
+    """Write ``data`` to ``path`` atomically unless the file already holds exactly these bytes. True if written.
+
+    A link at ``path`` is replaced by the file, never written through.
+    """
     path = Path(path)
+    if same_bytes(path, data):
+        return False
+    tmp = write_temp(path, data)
     try:
-        if path.stat().st_size == len(data) and path.read_bytes() == data:
-            return False
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _fault_point()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -116,61 +270,23 @@ def atomic_write_text(path: Path, text: str) -> bool:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: Path, obj) -> bool:
-    """Compact, key-ordered JSON (deterministic bytes), written atomically."""
-    return atomic_write_text(path, json.dumps(obj, separators=(",", ":")) + "\n")
+def json_text(obj) -> str:
+    """Compact, key-ordered JSON (deterministic bytes) with a final newline."""
+    return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
-def place_image(src: Path, dst: Path, mode: str = "copy") -> bool:
-    """Put the source image at ``dst`` (``copy`` keeps the mtime, ``hardlink``, ``symlink``); skip if already there.
-
-    A copy counts as "already there" when size and modification time match the source (what ``copy2`` preserves).
-    The source file is only read, never moved or modified.
-    """
-    if mode not in IMAGE_MODES:
-        raise ValueError(f"image mode must be one of {IMAGE_MODES}, got {mode!r}")
-    src, dst = Path(src), Path(dst)
-    st = src.stat()
-    if dst.is_symlink() or dst.exists():
-        if mode == "symlink":
-            if dst.is_symlink() and Path(os.readlink(dst)) == src.resolve():
-                return False
-        elif not dst.is_symlink():
-            d = dst.stat()
-            if (mode == "hardlink" and os.path.samefile(src, dst)) or (
-                mode == "copy" and d.st_size == st.st_size and d.st_mtime_ns == st.st_mtime_ns
-            ):
-                return False
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dst)
-    try:
-        if mode == "copy":
-            shutil.copy2(src, tmp)
-            os.chmod(tmp, file_mode())  # copy2 copied the source's permissions; the output follows the umask
-        elif mode == "hardlink":
-            os.link(src, tmp)
-        else:
-            os.symlink(src.resolve(), tmp)
-        _fault_point()
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return True
-
-
-def remove_stale(folder: Path, keep: set, owned) -> list[Path]:
-    """Delete the files in ``folder`` (not recursive) whose names are not in ``keep`` and for which ``owned(path)`` is
-    true; return the paths removed. Files a conversion did not write (``owned`` false) are never touched."""
+def stale_files(folder: Path, keep: set, owned) -> list[Path]:
+    """The files in ``folder`` (not recursive) whose names are not in ``keep`` and for which ``owned(path)`` is true:
+    what a rerun removes as stale. Files a run did not write (``owned`` false) are never listed; a folder that is a
+    link has none."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
         return []
-    removed = []
-    for p in sorted(folder.iterdir()):
-        if p.name not in keep and (p.is_file() or p.is_symlink()) and not TEMP_RE.match(p.name) and owned(p):
-            p.unlink()
-            removed.append(p)
-    return removed
+    return [
+        p
+        for p in sorted(folder.iterdir())
+        if p.name not in keep and (p.is_file() or p.is_symlink()) and not TEMP_RE.match(p.name) and owned(p)
+    ]
 
 
 def _is_link(info: zipfile.ZipInfo) -> bool:
@@ -178,11 +294,14 @@ def _is_link(info: zipfile.ZipInfo) -> bool:
 
 
 def extract_archive(archive: Path, into: Path) -> Path:
-    """Unzip ``archive`` into ``into`` (created); refuses members that would land outside it and symbolic links.
+    """Unzip ``archive`` into ``into`` (created; a work folder of this run, see :func:`work_dir`); refuses members
+    that would land outside it and symbolic links.
 
     Returns ``into``. Every refusal or OS error is a ``ValueError`` that names the archive and the member.
     """
     into = Path(into)
+    if into.is_symlink() or (into.exists() and not into.is_dir()):
+        raise DestinationError(f"{into} is not a folder this run made; nothing is unpacked there")
     into.mkdir(parents=True, exist_ok=True)
     root = into.resolve()
     hint = "unzip it yourself and pass the unpacked folder as SRC"

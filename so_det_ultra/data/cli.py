@@ -65,7 +65,23 @@ def _add_synthetic(sub):
         defaults_from=_synthetic,
     )
     option(p, "--seed", type=int, help="random seed", defaults_from=_synthetic)
+    _ownership_options(
+        p, _synthetic, "write into a non-empty ROOT that no so-det synthetic wrote (only its files are replaced)"
+    )
     p.set_defaults(func=run_synthetic)
+
+
+def _ownership_options(p, target, force_help: str) -> None:
+    """``--force`` and ``--lock-timeout``: the options of every command that owns its output folder."""
+    option(p, "--force", action="store_true", help=force_help, defaults_from=target)
+    option(
+        p,
+        "--lock-timeout",
+        type=float,
+        metavar="S",
+        help="give up after S seconds when another run is writing the folder (default: wait)",
+        defaults_from=target,
+    )
 
 
 def _common(p, target):
@@ -88,20 +104,8 @@ def _common(p, target):
     p.add_argument(
         "--no-progress", dest="show_progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar"
     )
-    option(
-        p,
-        "--force",
-        action="store_true",
-        help="convert into a non-empty DST that holds no conversion manifest (files it does not write are kept)",
-        defaults_from=target,
-    )
-    option(
-        p,
-        "--lock-timeout",
-        type=float,
-        metavar="S",
-        help="give up after S seconds when another conversion is writing DST (default: wait)",
-        defaults_from=target,
+    _ownership_options(
+        p, target, "convert into a non-empty DST that holds no conversion manifest (files it does not write are kept)"
     )
 
 

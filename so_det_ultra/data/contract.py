@@ -231,9 +231,13 @@ def sidecar_dict(image: str, width: int, height: int, ann: Annotation, tile=None
     return out
 
 
-def write_sidecar(path, image: str, width: int, height: int, ann: Annotation, tile=None) -> bool:
-    """Write :func:`sidecar_dict` to ``path`` (compact, atomic, only when the bytes change); True if written."""
-    return _io.write_json(path, sidecar_dict(image, width, height, ann, tile))
+def write_sidecar(path, image: str, width: int, height: int, ann: Annotation, tile=None, write=None) -> bool:
+    """Write :func:`sidecar_dict` to ``path`` (compact, atomic, only when the bytes change); True if written.
+
+    ``write(path, text) -> bool`` writes the text (default :func:`~._io.atomic_write_text`; a run writes through its
+    :class:`~.ownership.Ownership`).
+    """
+    return (write or _io.atomic_write_text)(path, _io.json_text(sidecar_dict(image, width, height, ann, tile)))
 
 
 def read_sidecar(path) -> Sidecar | None:
@@ -290,10 +294,11 @@ def sidecar_folder(data: dict) -> str:
     return (data.get(SO_DET_KEY) or {}).get("sidecars", SIDECARS)
 
 
-def write_data_yaml(dst, names: dict, so_det: dict | None = None, train_fallback: bool = True) -> Path:
+def write_data_yaml(dst, names: dict, so_det: dict | None = None, train_fallback: bool = True, write=None) -> Path:
     """``dst/data.yaml`` for every split present under ``dst/images``; val falls back to train when absent.
 
     The ``so_det:`` key is written when ``so_det`` is given (converters); plain YOLO datasets leave it out.
+    ``write(path, text)`` writes the file (default :func:`~._io.atomic_write_text`).
 
     Returns:
         The path written.
@@ -315,5 +320,5 @@ def write_data_yaml(dst, names: dict, so_det: dict | None = None, train_fallback
     if so_det is not None:
         data[SO_DET_KEY] = dict(so_det)
     path = dst / "data.yaml"
-    _io.atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    (write or _io.atomic_write_text)(path, yaml.safe_dump(data, sort_keys=False))
     return path

@@ -6,16 +6,18 @@ folder), :meth:`~Converter.archives` (official archives in a folder) and :meth:`
 source split into a :class:`SplitWriter`). The skeleton keeps the guarantees every converter gives:
 
 - the source is never modified: the output may not be, or lie inside, a source folder, nor hold one in the folders
-  it rewrites (:func:`check_dst`); archives are unpacked into ``<dst>/.extract``, removed afterwards;
+  it rewrites (:func:`check_dst`), and nothing is written through a link below DST; archives are unpacked into a
+  work folder of the run's own (``<dst>/.extract.<pid>-<random>.tmp``), removed afterwards;
 - bad input lines are reported as ``file:line: reason`` and counted in the :class:`~._summary.Summary`;
 - the user's files are never deleted or overwritten: the output folder is locked for the run, and only files listed
   in its manifest (written by an earlier conversion of the same kind) are replaced or removed as stale; a non-empty
   folder without a manifest is refused unless ``force`` (:mod:`.ownership`);
 - reruns are safe: every output is written atomically and only when its bytes change, and files of the converted
   splits' ``images/``, ``labels/`` and ``sidecars/`` folders that an earlier run wrote and this run did not are
-  removed; a run killed at any point leaves only complete files plus temporary ones, which the next run removes
-  first, so the rerun's tree is byte-identical to an uninterrupted run's (tested with ``SO_DET_FAULT_KILL_AFTER``,
-  :mod:`._io`);
+  removed; a run is one transaction (:meth:`~.ownership.Ownership.transaction`): files it changes replace the old
+  ones only when it completes, so a run that fails (a full disk) leaves the earlier conversion as it was; a run
+  killed at any point leaves only complete files plus temporary ones, which the next run removes first, so the
+  rerun's tree is byte-identical to an uninterrupted run's (tested with ``SO_DET_FAULT_KILL_AFTER``, :mod:`._io`);
 - a split whose annotation file cannot be used at all (e.g. an empty or unreadable SODA-D JSON) raises
   :class:`UnusableSource` in :meth:`~Converter.convert_split`: it is reported by file, its output folders are left
   as they are, and the other splits convert;
@@ -34,9 +36,9 @@ from pathlib import Path
 
 from so_det_ultra.data import _io, contract
 from so_det_ultra.data._summary import Summary
-from so_det_ultra.data.ownership import Ownership, check_paths, dst_lock
+from so_det_ultra.data.ownership import Ownership, check_lock_timeout, check_paths, dst_lock
 
-EXTRACT_DIR = ".extract"  # under the output root: archives are unpacked here for the run, then removed
+EXTRACT_DIR = "extract"  # archives are unpacked into <dst>/.extract.<pid>-<random>.tmp for the run, then removed
 GREY = 114  # Ultralytics' letterbox padding value, used to mask ignored regions (as ESOD does)
 
 
@@ -79,15 +81,6 @@ class UnusableSource(ValueError):
     """A split's annotation file cannot be used at all (empty, unreadable, wrong format): the split is skipped."""
 
 
-def remove_temp_files(dst: Path) -> int:
-    """Remove temporary files an interrupted run left in ``dst`` and its owned split folders; return how many."""
-    n = _io.remove_temp(dst)
-    for kind in contract.OUTPUT_DIRS:
-        for folder in (dst / kind).iterdir() if (dst / kind).is_dir() else ():
-            n += _io.remove_temp(folder) if folder.is_dir() else 0
-    return n
-
-
 @dataclass(frozen=True)
 class Source:
     """One split of the source dataset, as a converter found it.
@@ -112,7 +105,7 @@ class SplitWriter:
     """Writes one split of the output (image, label, sidecar per image or tile) and removes its stale files.
 
     Use as a context manager: on a clean exit, files of the split's folders that an earlier conversion wrote
-    (``owner``'s manifest) and this run did not are removed; other files are left alone.
+    (``owner``'s manifest) and this run did not are removed when the run finishes; other files are left alone.
     """
 
     dst: Path
@@ -142,13 +135,13 @@ class SplitWriter:
         lbl = contract.split_dir(self.dst, contract.LABELS, self.split) / f"{stem}.txt"
         side = contract.split_dir(self.dst, contract.SIDECARS, self.split) / f"{stem}.json"
         for path in (img, lbl, side):
-            self.owner.claim(path)
+            self.owner.check_claim(path)
         if image_bytes is not None:
-            changed = _io.atomic_write_bytes(img, image_bytes)
+            changed = self.owner.write_bytes(img, image_bytes)
         else:
-            changed = _io.place_image(image_src, img, mode)
-        changed += _io.atomic_write_text(lbl, contract.yolo_rows(ann.objects, width, height))
-        changed += contract.write_sidecar(side, name, width, height, ann, tile)
+            changed = self.owner.place(img, image_src, mode)
+        changed += self.owner.write_text(lbl, contract.yolo_rows(ann.objects, width, height))
+        changed += contract.write_sidecar(side, name, width, height, ann, tile, write=self.owner.write_text)
         for o in ann.objects:
             self.summary.add_object(o.cls, o.x2 - o.x1, o.y2 - o.y1)
         self.summary.files_written += changed
@@ -156,12 +149,20 @@ class SplitWriter:
         for kind, path in ((contract.IMAGES, img), (contract.LABELS, lbl), (contract.SIDECARS, side)):
             self.keep[kind].add(path.name)
 
+    def write_sidecar(self, name: str, width: int, height: int, ann: contract.Annotation) -> None:
+        """A sidecar of its own (no image, no label), e.g. a full image's beside its tiles'."""
+        path = contract.split_dir(self.dst, contract.SIDECARS, self.split) / f"{Path(name).stem}.json"
+        self.summary.files_written += contract.write_sidecar(
+            path, name, width, height, ann, write=self.owner.write_text
+        )
+        self.keep[contract.SIDECARS].add(path.name)
+
     def close(self) -> None:
-        """Remove files of this split's folders that an earlier conversion wrote and this run did not."""
+        """Mark the files of this split's folders that an earlier conversion wrote and this run did not as stale
+        (removed when the run finishes)."""
         for kind, names in self.keep.items():
-            for path in _io.remove_stale(contract.split_dir(self.dst, kind, self.split), names, self.owner.is_owned):
-                self.owner.drop(path)
-                self.summary.stale_removed += 1
+            stale = self.owner.remove_stale(contract.split_dir(self.dst, kind, self.split), names)
+            self.summary.stale_removed += len(stale)
 
     def __enter__(self):
         return self
@@ -249,20 +250,22 @@ class Converter(ABC):
             check_paths(src, dst)
         summary = Summary(names=dict(self.names))
         spare = [src, *(g for s in self.find(src) for g in s.guard), *self.archives(src)]  # sources kept in DST
+        check_lock_timeout(lock_timeout)
         Ownership.check(dst, self.name, force, spare)  # refuse before the lock file is created
         with dst_lock(dst, lock_timeout):
-            summary.temp_removed = remove_temp_files(dst)
             owner = Ownership.start(dst, self.name, self.options(), force, spare)
+            summary.temp_removed = owner.temp_removed
             try:
-                self._convert(src, dst, owner, summary)
-                self.finish(dst, summary, verbose, owner)
-                owner.finish()
+                with owner.transaction(f"nothing of this run was kept: {dst} holds what it held before"):
+                    self._convert(src, dst, owner, summary)
+                    self.finish(dst, summary, verbose, owner)
+                    owner.finish()
             finally:
                 owner.close()
         return summary
 
     def _convert(self, src: Path, dst: Path, owner: Ownership, summary: Summary) -> None:
-        names, extract = None, dst / EXTRACT_DIR
+        names, extract = None, _io.work_dir(dst, EXTRACT_DIR)
         try:
             sources = self.locate(src, extract)
             if not sources:
@@ -281,7 +284,7 @@ class Converter(ABC):
                     raise ValueError(f"{source.annotations}: categories {got} differ from the other splits' {names}")
                 names = got if got is not None else names
         finally:
-            if extract.exists():
+            if extract.is_dir() and not extract.is_symlink():
                 shutil.rmtree(extract)
         if names is not None:
             summary.names = names
@@ -295,18 +298,19 @@ class Converter(ABC):
 
         log = dst / f"convert-{self.name}.log"
         summary.overwritten = owner.overwritten
-        owner.claim(log)
+        owner.check_claim(log)
         if not sum(summary.images.values()):
-            _io.atomic_write_text(log, summary.format(max_problems=len(summary.problems)) + "\n")
+            owner.write_text(log, summary.format(max_problems=len(summary.problems)) + "\n")
+            owner.finish()  # the log of a run that converted nothing is kept: it lists the reasons
             more = len(summary.problems) - 3
             why = "; ".join(summary.problems[:3]) + (f" (and {more} more)" if more > 0 else "")
             raise FileNotFoundError(f"nothing converted into {dst}" + (f": {why}" if why else "") + f"; see {log}")
-        owner.claim(dst / "data.yaml")
-        contract.write_data_yaml(dst, summary.names, self.so_det)
+        contract.write_data_yaml(dst, summary.names, self.so_det, write=owner.write_text)
         if not contract.split_dir(dst, contract.IMAGES, "val").is_dir():
             LOGGER.warning(f"no val split in {dst}; data.yaml uses train as val (convert the val split to fix)")
+        owner.claim(log)
         summary.overwritten = owner.overwritten
-        _io.atomic_write_text(log, summary.format(max_problems=len(summary.problems)) + "\n")
+        owner.write_text(log, summary.format(max_problems=len(summary.problems)) + "\n")
         if verbose:
             LOGGER.info(summary.format())
 

@@ -223,9 +223,7 @@ class SodaD(Converter):
 
     def _write_parent(self, name: str, w: int, h: int, ann: Annotation, out: SplitWriter) -> None:
         """The full image's sidecar beside its tiles' (objects and ignored regions in full-image pixels)."""
-        path = contract.split_dir(out.dst, contract.SIDECARS, out.split) / f"{Path(name).stem}.json"
-        out.summary.files_written += contract.write_sidecar(path, name, w, h, ann)
-        out.keep[contract.SIDECARS].add(path.name)
+        out.write_sidecar(name, w, h, ann)
 
     def _fill(self, crop, part: Annotation, slivers: list):
         """Fill a tile's ignored regions: only the ``ignore`` category's, then every object's pixels restored, cut

@@ -111,21 +111,50 @@ def make_dataset(
     objects: tuple = (3, 12),
     size_range: tuple = (4.0, 24.0),
     seed: int = 0,
+    force: bool = False,
+    lock_timeout: float | None = None,
 ) -> Path:
     """Write ``root/images/{train,val}``, ``root/labels/{train,val}`` and ``root/data.yaml``; return the YAML path.
 
     Deterministic for a given seed and arguments. ``size_range`` is the object side in pixels (2-32 is typical).
+    ``root`` is owned, locked and written as every so-det-ultra output folder (:mod:`.ownership`): a non-empty folder
+    that no ``make_dataset`` wrote is refused unless ``force`` (then only the files it writes are replaced), a rerun
+    replaces its own files and removes those of its earlier runs it no longer writes, and ``lock_timeout`` (seconds)
+    gives up waiting for another run writing ``root``.
     """
+    from so_det_ultra.data.ownership import Ownership, check_lock_timeout, dst_lock
+
     check_options(n_train, n_val, imgsz, nc, objects, size_range)
+    check_lock_timeout(lock_timeout)
     root = Path(root)
+    options = dict(n_train=n_train, n_val=n_val, imgsz=imgsz, nc=nc, objects=list(objects), seed=seed)
+    options["size_range"] = [float(v) for v in size_range]
+    Ownership.check(root, "synthetic", force)  # refuse before the lock file is created
+    with dst_lock(root, lock_timeout):
+        owner = Ownership.start(root, "synthetic", options, force)
+        try:
+            with owner.transaction(f"nothing of this run was kept: {root} holds what it held before"):
+                path = _write(owner, root, n_train, n_val, imgsz, nc, objects, size_range, seed)
+                owner.finish()
+        finally:
+            owner.close()
+    return path
+
+
+def _write(owner, root: Path, n_train, n_val, imgsz, nc, objects, size_range, seed) -> Path:
+    """The images, labels and data YAML of :func:`make_dataset` through ``owner``; earlier files not rewritten are
+    marked stale."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", n_train), ("val", n_val)):
         images, labels_dir = split_dir(root, IMAGES, split), split_dir(root, LABELS, split)
-        images.mkdir(parents=True, exist_ok=True)
-        labels_dir.mkdir(parents=True, exist_ok=True)
+        owner.mkdir(images)
+        owner.mkdir(labels_dir)
         for k in range(count):
             img, labels = make_image(rng, imgsz, nc, objects, size_range)
-            cv2.imwrite(str(images / f"{split}_{k:05d}.png"), img)
+            _, png = cv2.imencode(".png", img)
             rows = "".join(f"{c} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels)
-            (labels_dir / f"{split}_{k:05d}.txt").write_text(rows)
-    return write_data_yaml(root, dict(enumerate(SHAPES[:nc])))
+            owner.write_bytes(images / f"{split}_{k:05d}.png", png.tobytes())
+            owner.write_text(labels_dir / f"{split}_{k:05d}.txt", rows)
+        for folder, suffix in ((images, ".png"), (labels_dir, ".txt")):
+            owner.remove_stale(folder, {f"{split}_{k:05d}{suffix}" for k in range(count)})
+    return write_data_yaml(root, dict(enumerate(SHAPES[:nc])), write=owner.write_text)

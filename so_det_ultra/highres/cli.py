@@ -148,7 +148,13 @@ def _add_output_options(p) -> None:
         "--force",
         action="store_true",
         help="write into a --save-dir holding another job's results or files not written by so-det predict "
-        "(never over a source file)",
+        "(never over a source file); replaces only the files this run writes",
+    )
+    g.add_argument(
+        "--lock-timeout",
+        type=float,
+        metavar="S",
+        help="give up after S seconds when another run is writing --save-dir (default: wait)",
     )
 
 
@@ -199,7 +205,7 @@ def predict(a) -> dict:
     settings = runner.Settings(
         save_dir=Path(a.save_dir),
         **{k: getattr(a, k) for k in ("save", "save_txt", "save_json", "track", "tracker", "vid_stride")},
-        **{k: getattr(a, k) for k in ("resume", "force")},
+        **{k: getattr(a, k) for k in ("resume", "force", "lock_timeout")},
         max_pixels=a.max_pixels,
         dense=a.mode == "dense",
         dense_imgsz=opts.get("imgsz"),
@@ -216,7 +222,7 @@ def predict(a) -> dict:
     device = getattr(a, "device", None)
     unsafe = getattr(a, "unsafe_load", False)
     return runner.run(
-        lambda: open_predictor(a.model, a.mode, device, unsafe, **opts), inputs, settings, signature, shard
+        lambda: open_predictor(a.model, a.mode, device, unsafe, **opts), inputs, settings, signature, shard, model=model
     )
 
 

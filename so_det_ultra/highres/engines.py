@@ -53,10 +53,23 @@ def _open_sparse(model, device, unsafe_load):
     from so_det_ultra.highres.sparse import SparseModel, sparse_predict
 
     if isinstance(model, (str, Path)) and is_sparse_export(model):
-        sm = ExportedSparse(model, device)
+        sm = _exported(ExportedSparse, model, device)
         return sm, sm.names, functools.partial(sparse_predict, **_export_defaults(sm.meta))
     sm = SparseModel(_load(model, device, unsafe_load), device)
     return sm, sm.names, sparse_predict
+
+
+def _exported(cls, folder, device):
+    """``cls(folder, device)``; a graph the runtime cannot load (damaged, truncated) is one line naming the folder."""
+    from so_det_ultra.highres.export import ExportError
+
+    try:
+        return cls(folder, device)
+    except (ValueError, OSError, ImportError):
+        raise
+    except Exception as err:  # ONNX Runtime and OpenVINO raise their own types for a damaged graph
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ExportError(f"{folder}: a graph cannot be loaded ({type(err).__name__}: {why}); re-export it") from err
 
 
 def _export_defaults(meta: dict) -> dict:
@@ -72,24 +85,19 @@ def _open_sliced(model, device, unsafe_load):
 
 
 def _open_dense(model, device, unsafe_load):
-    from ultralytics import YOLO
-
+    from so_det_ultra.highres.common import stock_model
     from so_det_ultra.highres.dense import dense_predict
 
-    if isinstance(model, (str, Path)) and Path(model).suffix == ".pt" and not unsafe_load:
-        from so_det_ultra.highres.common import safe_checkpoint
-
-        safe_checkpoint(Path(model))  # refuses a pickle that would run code, before YOLO() loads it the stock way
-    m = model if isinstance(model, YOLO) else YOLO(str(model))
+    m = stock_model(model, unsafe_load)  # checkpoints by content through the safe loader, YAMLs held to its rules
     return m, m.names, dense_predict
 
 
 def _load(model, device, unsafe_load: bool):
-    """A ``.pt`` / YAML path loaded by ``common.load_model`` (full pickle loading only with ``unsafe_load``); other
-    models (exports, objects) are returned as given."""
+    """A checkpoint (recognised by its content, whatever its name) or YAML path loaded by ``common.load_model`` (full
+    pickle loading only with ``unsafe_load``); other models (exports, objects) are returned as given."""
     from so_det_ultra.highres import common
 
-    if not isinstance(model, (str, Path)) or Path(model).suffix not in (".pt", ".yaml", ".yml"):
+    if common.model_kind(model) not in ("checkpoint", "yaml"):
         return model
     return common.load_model(model, device, **({"unsafe_load": True} if unsafe_load else {}))
 

@@ -13,6 +13,11 @@ OpenVINO adds ``stem.xml/.bin`` and ``rest.xml/.bin`` converted from the ONNX gr
 (opset 17, dynamic shapes, no custom ops: what TensorRT's ONNX parser takes) and builds ``stem.engine`` and
 ``rest.engine`` with TensorRT's Python API when ``tensorrt`` is installed; it fails with a message otherwise.
 
+The folder is owned, locked and replaced all or nothing, as every so-det-ultra output folder
+(:mod:`so_det_ultra.data.ownership`): every file is written under a temporary name and the new export replaces an
+earlier one (``--force``) only once all its files are complete, so an export that fails (a full disk) leaves the
+earlier one intact; files of the user's in the folder are kept, and only the files the export writes are replaced.
+
 :class:`ExportedSparse` runs such a folder with ONNX Runtime or OpenVINO behind the same interface as
 :class:`~so_det_ultra.highres.sparse.SparseModel`, so :func:`~so_det_ultra.highres.sparse.sparse_predict` selects and
 merges patches with the same code for both.
@@ -30,17 +35,25 @@ META = "metadata.json"
 OPSET = 17
 
 
-def export_sparse(model, format: str = "onnx", out=None, force: bool = False) -> Path:
-    """Write the sparse export of ``model`` (a ``.pt`` / YAML path or a DetectionModel) and return its folder.
+class ExportError(ValueError):
+    """A sparse export folder that cannot be run as it is (damaged metadata or graphs); one line naming the file."""
+
+
+def export_sparse(
+    model, format: str = "onnx", out=None, force: bool = False, unsafe_load: bool = False, lock_timeout=None
+) -> Path:
+    """Write the sparse export of ``model`` (a checkpoint / YAML path or a DetectionModel) and return its folder.
 
     Args:
         model: An so-det-esod model (one ObjectSeeker layer).
         format (str): ``"onnx"``, ``"openvino"`` or ``"engine"`` (TensorRT).
         out (str | Path, optional): Folder to write; default ``<ckpt dir>/<stem>_sparse_<format>``.
         force (bool): Replace the files this export writes in an existing folder (never anything else).
+        unsafe_load (bool): Load a checkpoint with full pickle (only for files you trust).
+        lock_timeout (float, optional): Seconds to wait for another run writing the folder (None: until it ends).
     """
-    import torch
-
+    from so_det_ultra.data.ownership import Ownership, check_lock_timeout, dst_lock
+    from so_det_ultra.highres.common import load_model
     from so_det_ultra.highres.sparse import SparseModel
 
     if format not in FORMATS:
@@ -48,10 +61,31 @@ def export_sparse(model, format: str = "onnx", out=None, force: bool = False) ->
     if format == "engine":
         _require_tensorrt()
     folder = Path(out) if out else _default_folder(model, format)
-    if folder.exists() and not force:
+    if (folder.exists() or folder.is_symlink()) and not force:
         raise FileExistsError(f"{folder} exists; pass --force to overwrite its export files, or choose --out")
-    sm = SparseModel(model, "cpu")
-    folder.mkdir(parents=True, exist_ok=True)
+    check_lock_timeout(lock_timeout)
+    Ownership.check(folder, "export", force)  # refuse before the model loads and before the lock file is created
+    sm = SparseModel(load_model(model, "cpu", unsafe_load=unsafe_load), "cpu")
+    kept = f"the earlier export in {folder} is intact" if is_sparse_export(folder) else "nothing was exported"
+    with dst_lock(folder, lock_timeout):
+        owner = Ownership.start(folder, "export", {"format": format}, force)
+        try:
+            with owner.transaction(kept):
+                _write(owner, folder, sm, format)
+                owner.finish()
+        finally:
+            owner.close()
+    return folder
+
+
+def _write(owner, folder: Path, sm, format: str) -> None:
+    """The export's files through ``owner``: all under temporary names until every one is complete, then moved in,
+    ``metadata.json`` last."""
+    import torch
+
+    from so_det_ultra.data import _io
+
+    graphs = {name: owner.temp_for(folder / f"{name}.onnx") for name in ("stem", "rest")}
     stem_ids = sorted(sm.needed | {sm.k})
     rest_ids = sorted(sm.needed)
     head = sm.rest[-1]
@@ -60,17 +94,28 @@ def export_sparse(model, format: str = "onnx", out=None, force: bool = False) ->
         with torch.no_grad():
             crops = _rest_example(sm, rest_ids)
             stem_out = [f"layer{j}" for j in stem_ids]
-            _export_onnx(_stem_module(sm, stem_ids), _stem_example(sm), folder / "stem.onnx", ["images"], stem_out)
+            with _io.naming(folder / "stem.onnx"):
+                _export_onnx(_stem_module(sm, stem_ids), _stem_example(sm), graphs["stem"], ["images"], stem_out)
             rest_in = [f"layer{j}" for j in rest_ids]
-            _export_onnx(_rest_module(sm, rest_ids), crops, folder / "rest.onnx", rest_in, ["output0"])
+            with _io.naming(folder / "rest.onnx"):
+                _export_onnx(_rest_module(sm, rest_ids), crops, graphs["rest"], rest_in, ["output0"])
     finally:
         head.export, head.format, head.dynamic = flags
+    written = {f"{name}.onnx" for name in graphs}
     if format == "openvino":
-        _to_openvino(folder)
+        written |= _to_openvino(owner, folder, graphs)
     elif format == "engine":
-        _to_tensorrt(folder, sm)
-    (folder / META).write_text(json.dumps(_metadata(sm, format, stem_ids, rest_ids), indent=2))
-    return folder
+        written |= _to_tensorrt(owner, folder, graphs, sm)
+    for name, tmp in graphs.items():
+        owner.install(tmp, folder / f"{name}.onnx")
+    owner.remove_stale(folder, written | {META})  # an earlier export's files this one does not write
+    owner.claim(folder / META)
+    meta = owner.adopt(
+        _io.write_temp(folder / META, json.dumps(_metadata(sm, format, stem_ids, rest_ids), indent=2).encode())
+    )
+    (folder / META).unlink(missing_ok=True)  # never old metadata beside new graphs, even while the files move in
+    owner.commit()
+    owner.install(meta, folder / META)  # last: the folder is an export again
 
 
 def _default_folder(model, format: str) -> Path:
@@ -150,13 +195,23 @@ def _export_onnx(module, args, path: Path, inputs: list[str], outputs: list[str]
     )
 
 
-def _to_openvino(folder: Path):
+def _to_openvino(owner, folder: Path, graphs: dict) -> set:
+    """``stem.xml/.bin`` and ``rest.xml/.bin`` converted from the (temporary) ONNX graphs; the names written."""
+    from so_det_ultra.data import _io
+
     try:
         import openvino as ov
     except ImportError as e:
         raise ImportError("format 'openvino' needs the openvino package: pip install openvino") from e
-    for name in ("stem", "rest"):
-        ov.save_model(ov.convert_model(str(folder / f"{name}.onnx")), str(folder / f"{name}.xml"))
+    for name, onnx in graphs.items():
+        xml = owner.temp_for(folder / f"{name}.xml")
+        owner.claim(folder / f"{name}.bin")
+        weights = owner.adopt(xml.with_suffix(".bin"))  # OpenVINO writes the weights beside the XML
+        with _io.naming(folder / f"{name}.xml"):
+            ov.save_model(ov.convert_model(str(onnx)), str(xml))
+        owner.install(xml, folder / f"{name}.xml")
+        owner.install(weights, folder / f"{name}.bin")
+    return {f"{name}.{ext}" for name in graphs for ext in ("xml", "bin")}
 
 
 def _require_tensorrt():
@@ -169,8 +224,9 @@ def _require_tensorrt():
         ) from e
 
 
-def _to_tensorrt(folder: Path, sm, max_side: int = 4096, max_batch: int = 64):
-    """Build ``stem.engine`` / ``rest.engine`` from the ONNX graphs (FP32) with one dynamic-shape profile each."""
+def _to_tensorrt(owner, folder: Path, graphs: dict, sm, max_side: int = 4096, max_batch: int = 64) -> set:
+    """Build ``stem.engine`` / ``rest.engine`` from the (temporary) ONNX graphs (FP32) with one dynamic-shape profile
+    each; the names written."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -178,7 +234,7 @@ def _to_tensorrt(folder: Path, sm, max_side: int = 4096, max_batch: int = 64):
         builder = trt.Builder(logger)
         network = builder.create_network(0)
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse((folder / f"{name}.onnx").read_bytes()):
+        if not parser.parse(graphs[name].read_bytes()):
             raise RuntimeError(f"TensorRT cannot parse {name}.onnx: {parser.get_error(0)}")
         config, profile = builder.create_builder_config(), builder.create_optimization_profile()
         for i in range(network.num_inputs):
@@ -194,7 +250,8 @@ def _to_tensorrt(folder: Path, sm, max_side: int = 4096, max_batch: int = 64):
         engine = builder.build_serialized_network(network, config)
         if engine is None:
             raise RuntimeError(f"TensorRT could not build {name}.engine (see its log above)")
-        (folder / f"{name}.engine").write_bytes(engine)
+        owner.write_bytes(folder / f"{name}.engine", bytes(engine))
+    return {"stem.engine", "rest.engine"}
 
 
 def _metadata(sm, format, stem_ids, rest_ids) -> dict:
@@ -228,6 +285,66 @@ def is_sparse_export(path) -> bool:
     return Path(path).is_dir() and (Path(path) / META).is_file()
 
 
+def read_metadata(folder) -> dict:
+    """``metadata.json`` of a sparse export, checked: :class:`ExportError` (one line naming the file and the field)
+    for a file that is not JSON, misses a field or holds a value of the wrong kind."""
+    path = Path(folder) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: not readable JSON ({err}); re-export with so-det export --sparse") from None
+    problem = _metadata_problem(meta)
+    if problem:
+        raise ExportError(f"{path}: {problem}; re-export with so-det export --sparse")
+    return meta
+
+
+def _metadata_problem(meta) -> str | None:
+    """What is wrong with a loaded ``metadata.json``, or None."""
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def index(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    names = meta.get("names")
+    if (
+        not isinstance(names, dict)
+        or not names
+        or not all(str(k).isdigit() and isinstance(v, str) for k, v in names.items())
+    ):
+        return "'names' must map class indices to names"
+    if not (number(meta.get("stride")) and meta["stride"] > 0):
+        return "'stride' must be a positive number"
+    for key in ("cell", "align"):
+        if not count(meta.get(key)):
+            return f"{key!r} must be a positive integer"
+    factor = meta.get("factor")
+    if not isinstance(factor, dict) or not all(str(k).isdigit() and count(v) for k, v in factor.items()):
+        return "'factor' must map layer indices to positive integers"
+    for key in ("stem_outputs", "rest_inputs"):
+        if not isinstance(meta.get(key), list) or not all(index(j) for j in meta[key]):
+            return f"{key!r} must be a list of layer indices"
+    if not index(meta.get("seeker")) or meta["seeker"] not in meta["stem_outputs"]:
+        return "'seeker' must be one of 'stem_outputs'"
+    if not set(meta["rest_inputs"]) <= set(meta["stem_outputs"]) or not all(
+        str(j) in factor for j in meta["rest_inputs"]
+    ):
+        return "every 'rest_inputs' layer must be in 'stem_outputs' and 'factor'"
+    defaults = meta.get("defaults", {})
+    if not isinstance(defaults, dict) or not all(
+        defaults.get(k) is None or number(defaults[k]) for k in ("thr", "patch", "margin")
+    ):
+        return "'defaults' must hold numbers (thr, patch, margin)"
+    return None
+
+
 class ExportedSparse:
     """A sparse export folder run by ONNX Runtime (``.onnx``) or OpenVINO (``.xml``), shaped like ``SparseModel``.
 
@@ -247,7 +364,7 @@ class ExportedSparse:
         folder = Path(folder)
         if not is_sparse_export(folder):
             raise FileNotFoundError(f"{folder} is not a sparse export folder (no {META}); see `so-det export --sparse`")
-        self.meta = json.loads((folder / META).read_text())
+        self.meta = read_metadata(folder)
         self.names = {int(k): v for k, v in self.meta["names"].items()}
         self.stride, self.cell, self.align = self.meta["stride"], self.meta["cell"], self.meta["align"]
         self.factor = {int(j): f for j, f in self.meta["factor"].items()}
@@ -321,7 +438,23 @@ def add_export_parser(sub) -> None:
     p.add_argument("--model", required=True, help="so-det-esod checkpoint (.pt)")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (default), openvino or engine (TensorRT)")
     p.add_argument("--out", help="output folder (default: next to the checkpoint)")
-    p.add_argument("--force", action="store_true", help="overwrite the export files in an existing folder")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export in an existing folder (only the files the export writes)",
+    )
+    p.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load the checkpoint with full pickle instead of Ultralytics' safe (weights-only) loader: it can run "
+        "code stored in the file, so only for files you trust",
+    )
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        metavar="S",
+        help="give up after S seconds when another run is writing the folder (default: wait)",
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -330,7 +463,7 @@ add_parser = add_export_parser  # the name so_det_ultra.cli calls on every modul
 
 def _run_export(a) -> int:
     try:
-        folder = export_sparse(a.model, a.format, a.out, a.force)
+        folder = export_sparse(a.model, a.format, a.out, a.force, a.unsafe_load, a.lock_timeout)
     except (FileExistsError, ImportError, ValueError) as e:
         print(f"so-det export: {e}", file=sys.stderr)
         return 2

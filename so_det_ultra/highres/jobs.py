@@ -2,32 +2,38 @@
 
 A save folder of ``so-det predict`` holds:
 
-- ``job.json``: what produced the folder (model, mode, predictor options, ``--vid-stride``, tracker, shard) and the
-  shard's inputs with their position in the whole, sorted input list;
-- ``results/<name>.json``: one record per finished input (its COCO rows, its frame count, the files it wrote),
-  written atomically and last, after the input's other outputs; an input with a record is done;
+- ``job.json``: what produced the folder (model and the content hash of its weights, mode, predictor options,
+  ``--vid-stride``, tracker, shard) and the shard's inputs with their position in the whole, sorted input list;
+- ``results/<name>.json``: one record per finished input (its job, its COCO rows, its frame count, the files it
+  wrote), written last, after the input's other outputs; an input with a record of this job is done;
 - ``predictions.json`` (``--save-json``): the records' rows in input order, rebuilt from the records at the end of
-  every run, so a job killed at any point and rerun with ``--resume`` ends with the same file as an uninterrupted run.
+  every run, so a job killed at any point and rerun with ``--resume`` ends with the same file as an uninterrupted run;
+- the manifest, journal and lock of every so-det-ultra output folder (:mod:`so_det_ultra.data.ownership`): the save
+  folder is locked for the run, and a file is written over only when so-det predict wrote it (or with ``--force``).
 
 ``--shard K/N`` keeps inputs K-1, K-1+N, K-1+2N... of the sorted list (round robin: folders of large and small
 files spread evenly); :func:`merge` joins the shards' records in that list's order, so merged shards give the same
 ``predictions.json`` as one run over everything.
 
-Ownership (nothing a user wrote is overwritten): a run refuses, before predicting anything, to write any output over
-one of its source files (``--force`` does not lift this), and to write into a folder holding a ``predictions.json``
-or output files that another job (or no job) wrote, unless ``--force``.
+Ownership (nothing a user wrote is overwritten): a run refuses, before loading the model, to write any output over
+one of its source files (``--force`` does not lift this), into a folder holding another job's results, and over any
+file so-det predict did not write, unless ``--force``; ``--force`` replaces only the files the new run writes and
+the earlier job's records (listed in its ``job.json``), and only once the new model has loaded. ``--resume`` resumes
+only the same job (the weights' content, not just their path) and refuses output options that would not apply to the
+inputs done before.
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
 from pathlib import Path
 
-from so_det_ultra.data._io import pid_alive
-from so_det_ultra.highres.outputs import atomic_write_json, atomic_write_text
+from so_det_ultra.data import _io
+from so_det_ultra.data.ownership import BOOKKEEPING
 
 JOB_FILE, RESULTS, PREDICTIONS = "job.json", "results", "predictions.json"
+SIGNATURE_KEYS = ("model", "mode", "options")  # what every job.json signature holds
 
 
 class JobError(ValueError):
@@ -54,11 +60,77 @@ def select_shard(items: list, shard: tuple[int, int] | None) -> list[tuple[int, 
 
 
 def read_json(path: Path):
-    """The JSON in ``path``, or None when it is missing or not complete JSON."""
+    """The JSON in ``path``, or None when it is missing, a link, or not complete JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        if Path(path).is_symlink():
+            return None
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def job_problem(doc) -> str | None:
+    """Why ``doc`` (a loaded ``job.json``) is not a so-det predict job file, or None when it is one."""
+    if not isinstance(doc, dict):
+        return f"it holds a JSON {type(doc).__name__}, not a job object"
+    sig = doc.get("signature")
+    if not isinstance(sig, dict) or not all(k in sig for k in SIGNATURE_KEYS):
+        return "it has no job signature (model, mode, options)"
+    rows = doc.get("inputs")
+    if not isinstance(rows, list) or not all(
+        isinstance(r, list) and len(r) == 4 and isinstance(r[0], int) and all(isinstance(v, str) for v in r[1:])
+        for r in rows
+    ):
+        return "its inputs are not [index, path, kind, name] rows"
+    return None
+
+
+def job_key(signature: dict) -> str:
+    """A short hash of a job's signature: every record names the job that wrote it."""
+    return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hash_file(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def weights_digest(model, known: dict | None = None) -> dict | None:
+    """``{"sha256", "path", "size", "mtime_ns", "ctime_ns", "files"}`` of the model file (or of every file of a model
+    folder, e.g. a sparse export), None for a model given by name.
+
+    ``known`` (the entry of an earlier ``job.json``) is reused without rehashing when path, total size and the latest
+    modification and status-change times still match: a file replaced in any way (even with its old modification
+    time restored) changes its status-change time, and is hashed again.
+    """
+    path = Path(str(model))
+    if not path.exists():
+        return None
+    files = sorted(
+        p
+        for p in (path.rglob("*") if path.is_dir() else [path])
+        if p.is_file() and p.name not in BOOKKEEPING and not _io.TEMP_RE.match(p.name)
+    )
+    stats = [p.stat() for p in files]
+    stamp = {
+        "path": str(path.resolve()),
+        "size": sum(st.st_size for st in stats),
+        "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
+        "ctime_ns": max((st.st_ctime_ns for st in stats), default=0),
+        "files": len(files),
+    }
+    if (
+        isinstance(known, dict)
+        and isinstance(known.get("sha256"), str)
+        and all(known.get(k) == v for k, v in stamp.items())
+    ):
+        return dict(known)
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(path).as_posix().encode() + b"\0" if path.is_dir() else b"")
+        _hash_file(p, h)
+    return {"sha256": h.hexdigest(), **stamp}
 
 
 class Job:
@@ -67,7 +139,8 @@ class Job:
     Args:
         save_dir: The save folder.
         signature (dict): What decides the predictions (model, mode, options, ``vid_stride``, tracker, shard);
-            JSON-serialisable. A folder whose ``job.json`` has another signature belongs to another job.
+            JSON-serialisable. :meth:`fingerprint` adds the weights' content hash. A folder whose ``job.json`` has
+            another signature belongs to another job.
         items (list[tuple[int, Input]]): The run's inputs with their index in the whole sorted input list.
     """
 
@@ -75,24 +148,46 @@ class Job:
         self.dir = Path(save_dir)
         self.signature = json.loads(json.dumps(signature))  # as it reads back from job.json
         self.items = items
+        self.old = None  # the folder's job.json as found by prepare()
+        self.weights = None  # weights_digest() of the model
+
+    @property
+    def key(self) -> str:
+        return job_key(self.signature)
+
+    def fingerprint(self, model) -> None:
+        """Add the weights' content hash to the signature (reusing the one in ``job.json`` for an unchanged file)."""
+        old = read_json(self.dir / JOB_FILE)
+        known = old.get("weights") if isinstance(old, dict) else None
+        self.weights = weights_digest(model, known if isinstance(known, dict) else None)
+        self.signature["weights"] = None if self.weights is None else self.weights["sha256"]
 
     def record_path(self, inp) -> Path:
         return self.dir / RESULTS / f"{inp.name}.json"
 
     def record(self, inp) -> dict | None:
-        """The input's record, or None when the input is not done (no record, or one of another input)."""
+        """The input's record, or None when the input is not done by this job (no record, or another's)."""
         rec = read_json(self.record_path(inp))
-        return rec if isinstance(rec, dict) and rec.get("input") == inp.path else None
+        ok = isinstance(rec, dict) and rec.get("input") == inp.path and rec.get("job") == self.key
+        return rec if ok else None
 
-    def prepare(self, planned: dict, force: bool = False) -> list[str]:
-        """Check ownership and write ``job.json``; returns notes for the user.
+    def rel(self, path) -> str:
+        return Path(path).relative_to(self.dir).as_posix()
+
+    # ------------------------------------------------------------------------------------------- before the model
+
+    def prepare(self, owner, planned: dict, force: bool = False, resume: bool = False) -> None:
+        """Check, before the model loads and without writing anything, that this job may write its files.
 
         Args:
+            owner: The save folder's :class:`~so_det_ultra.data.ownership.Ownership`.
             planned (dict[Input, list[Path]]): The files each input will write (annotated copy, labels, tracks).
-            force (bool): Replace another job's results and overwrite files this folder's jobs did not write.
+            force (bool): Replace another job's results and files so-det predict did not write.
+            resume (bool): Skip inputs done before; refused when they were written with other output options.
 
         Raises:
-            JobError: An output would overwrite a source file, or the folder holds another job's files (no ``force``).
+            JobError: An output would overwrite a source file, the folder holds another job's files, or a file so-det
+                predict did not write (without ``force``); resume with other output options.
         """
         sources = {_resolved(inp.path) for inp in planned if inp.kind != "stream"}
         for paths in planned.values():
@@ -102,78 +197,105 @@ class Job:
                         f"--save-dir {self.dir}: the output {p.name} would overwrite the source file {p}; "
                         "choose a --save-dir outside the source folders"
                     )
-        old = read_json(self.dir / JOB_FILE)
-        ours = isinstance(old, dict) and old.get("signature") == self.signature
+        path = self.dir / JOB_FILE
+        self.old = read_json(path)
+        exists = path.exists() or path.is_symlink()
+        if not exists:
+            problem = None
+        elif self.old is None:
+            problem = "it is a symbolic link" if path.is_symlink() else "it is not readable JSON"
+        else:
+            problem = job_problem(self.old)
+        ours = problem is None and exists and self.old.get("signature") == self.signature
+        if exists and not ours and not force:
+            self._refuse_other(problem)
+        mine = [self.dir / JOB_FILE, self.dir / PREDICTIONS]
+        mine += [p for inp, paths in planned.items() for p in (*paths, self.record_path(inp))]
+        for p in mine:
+            owner.check_claim(p)
+        if resume:
+            self._check_resume(planned)
+
+    def _refuse_other(self, problem: str | None) -> None:
+        hint = "use another --save-dir, or --force to replace them"
+        if problem is not None:
+            raise JobError(
+                f"{self.dir / JOB_FILE} is not a job file of so-det predict ({problem}); use another --save-dir, "
+                "or --force to replace it"
+            )
+        was, now = self.old["signature"], self.signature
+        diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        raise JobError(
+            f"--save-dir {self.dir} holds the results of another job (model {was.get('model')}, mode "
+            f"{was.get('mode')}, shard {was.get('shard')}; this job: model {now.get('model')}, mode "
+            f"{now.get('mode')}, shard {now.get('shard')}; differing: {', '.join(diff)}); {hint}"
+        )
+
+    def _check_resume(self, planned: dict) -> None:
+        """Refuse ``--resume`` when inputs done before wrote other files than this run would write for them."""
+        odd = []
+        for inp, paths in planned.items():
+            rec = self.record(inp)
+            if rec is not None and not rec.get("skipped") and sorted(rec["files"]) != sorted(map(self.rel, paths)):
+                odd.append((inp, rec.get("files", []), [self.rel(p) for p in paths]))
+        if odd:
+            inp, had, want = odd[0]
+            raise JobError(
+                f"--resume: {len(odd)} input(s) done before were written with other output options (first: "
+                f"{inp.path} wrote {had or 'no files'}, this run would write {want or 'no files'}); --save, "
+                "--save-txt and --track must apply to every input: rerun without --resume to redo them all, or with "
+                "the output options of the earlier run"
+            )
+
+    # -------------------------------------------------------------------------------------------- after the model
+
+    def begin(self, owner) -> list[str]:
+        """Take the folder over (once the model has loaded): remove another job's records that its ``job.json``
+        lists (``--force``), then write this job's ``job.json``. Returns notes for the user."""
         notes = []
-        if not ours and not force:
-            self._refuse_foreign(old, planned)
-        _sweep_temporaries([p for inp, paths in planned.items() for p in (*paths, self.record_path(inp))])
-        if isinstance(old, dict) and not ours:  # another so-det job's records: ours to replace (--force)
-            n = self._drop_records()
+        if job_problem(self.old) is None and self.old.get("signature") != self.signature:
+            n = self._drop_records(owner)
             notes += [f"--force: removed {n} result record(s) of another job from {self.dir / RESULTS}"] if n else []
-        doc = {"signature": self.signature, "inputs": [[i, inp.path, inp.kind, inp.name] for i, inp in self.items]}
-        atomic_write_json(self.dir / JOB_FILE, doc)
+        with owner.transaction(f"{self.dir / JOB_FILE} is as it was"):
+            doc = {"signature": self.signature, "weights": self.weights}
+            doc["inputs"] = [[i, inp.path, inp.kind, inp.name] for i, inp in self.items]
+            owner.write_text(self.dir / JOB_FILE, _io.json_text(doc))
         return notes
 
-    def _refuse_foreign(self, old, planned: dict) -> None:
-        hint = "use another --save-dir, or --force to replace them"
-        if isinstance(old, dict):
-            was = old.get("signature", {})
-            raise JobError(
-                f"--save-dir {self.dir} holds the results of another job (model {was.get('model')}, mode "
-                f"{was.get('mode')}, shard {was.get('shard')}; this job: model {self.signature.get('model')}, mode "
-                f"{self.signature.get('mode')}, shard {self.signature.get('shard')}, or other options); {hint}"
-            )
-        if (self.dir / PREDICTIONS).exists():
-            raise JobError(f"{self.dir / PREDICTIONS} exists and was not written by this job; {hint}")
-        mine = [p for inp, paths in planned.items() for p in (*paths, self.record_path(inp))]
-        clash = [p for p in mine if p.exists()]
-        if clash:
-            more = f" and {len(clash) - 1} more" if len(clash) > 1 else ""
-            raise JobError(
-                f"--save-dir {self.dir} already holds {clash[0].name}{more}, not written by so-det predict; "
-                "use another --save-dir, or --force to overwrite"
-            )
-
-    def release(self) -> None:
-        """Remove this job's ``job.json`` while no input of it is done (its model failed to load, say)."""
-        old = read_json(self.dir / JOB_FILE)
-        if isinstance(old, dict) and old.get("signature") == self.signature and not any(self._records()):
-            (self.dir / JOB_FILE).unlink()
-
-    def _records(self):
-        return (self.dir / RESULTS).glob("*.json")
-
-    def _drop_records(self) -> int:
+    def _drop_records(self, owner) -> int:
+        """Delete the records the earlier job's ``job.json`` lists (and only those)."""
         n = 0
-        for f in self._records():
-            f.unlink()
-            n += 1
+        for _index, path, _kind, name in self.old["inputs"]:
+            rec_path = self.dir / RESULTS / f"{name}.json"
+            rec = read_json(rec_path)
+            if isinstance(rec, dict) and rec.get("input") == path:
+                _io.check_inside(rec_path, self.dir)
+                rec_path.unlink()
+                n += 1
         return n
 
-    def commit(self, inp, record: dict) -> None:
-        """Write the input's record (last, after its other outputs): from now on the input is done."""
-        atomic_write_json(self.record_path(inp), {"input": inp.path, "kind": inp.kind, **record})
+    def commit(self, owner, inp, record: dict, files: list) -> None:
+        """Write the input's record (last, after its other outputs ``files``): from now on the input is done."""
+        doc = {"input": inp.path, "kind": inp.kind, "job": self.key, "files": [self.rel(p) for p in files], **record}
+        owner.write_text(self.record_path(inp), _io.json_text(doc))
 
-    def assemble(self) -> tuple[Path, int]:
+    def assemble(self, owner) -> tuple[Path, int]:
         """Write ``predictions.json`` from the records of this run's inputs, in input order; (path, rows)."""
         rows = []
         for _, inp in self.items:
             rows += (self.record(inp) or {}).get("rows", [])
-        return write_predictions(self.dir / PREDICTIONS, rows), len(rows)
+        with owner.transaction(f"{self.dir / PREDICTIONS} is as it was; the results of every input are kept"):
+            owner.write_text(self.dir / PREDICTIONS, json.dumps(rows))
+        return self.dir / PREDICTIONS, len(rows)
 
 
 def write_predictions(path: Path, rows: list) -> Path:
-    return atomic_write_text(path, json.dumps(rows))
-
-
-def _sweep_temporaries(paths: list) -> None:
-    """Remove the temporary files a killed run left next to ``paths`` (those of a live process stay)."""
-    for path in paths:
-        for tmp in Path(path).parent.glob(f".{glob.escape(Path(path).stem)}.*.tmp{Path(path).suffix}"):
-            pid = tmp.name[len(Path(path).stem) + 2 :].split(".", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                tmp.unlink(missing_ok=True)
+    """``rows`` as a ``predictions.json`` at ``path`` (atomic; a link there is replaced, never written through)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(2, "the folder of OUT does not exist", str(path.parent))
+    _io.atomic_write_text(path, json.dumps(rows))
+    return path
 
 
 def _resolved(p) -> Path:
@@ -187,21 +309,28 @@ def merge(out, shard_dirs, force: bool = False) -> tuple[Path, int, int]:
         (Path, int, int): ``out``, the number of rows and of inputs.
 
     Raises:
-        JobError: ``out`` exists (no ``force``); a folder is not a save folder; the shards were predicted with other
-            settings, overlap, or miss inputs or shards (the last two pass with ``force``).
+        JobError: ``out`` exists (no ``force``); a folder is not a save folder; a job file or record is damaged (the
+            message names the file); the shards were predicted with other settings, overlap, or miss inputs or shards
+            (the last two pass with ``force``).
     """
     out = Path(out)
     if out.is_dir():
         raise JobError(f"OUT {out} is a folder; give the file to write, e.g. {out / PREDICTIONS}")
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise JobError(f"{out} exists; use --force to overwrite it")
     first, seen, found, rows_of = None, {}, set(), {}
     for d in map(Path, shard_dirs):
         job = read_json(d / JOB_FILE)
-        if not isinstance(job, dict) or "signature" not in job:
-            raise JobError(f"{d} has no {JOB_FILE}: not a save folder of so-det predict")
+        if job is None:
+            raise JobError(f"{d} has no readable {JOB_FILE}: not a save folder of so-det predict")
+        problem = job_problem(job)
+        if problem is not None:
+            raise JobError(f"{d / JOB_FILE} is not a job file of so-det predict ({problem})")
         sig = dict(job["signature"])
-        found.add(sig.pop("shard", None))
+        shard = sig.pop("shard", None)
+        if shard is not None and not isinstance(shard, str):
+            raise JobError(f"{d / JOB_FILE}: its shard is {shard!r}, not K/N")
+        found.add(shard)
         if first is None:
             first = (d, sig)
         elif sig != first[1]:
@@ -219,24 +348,35 @@ def merge(out, shard_dirs, force: bool = False) -> tuple[Path, int, int]:
 
 def _collect(d: Path, job: dict, seen: dict, rows_of: dict) -> list[str]:
     """Add the records of save folder ``d`` to ``rows_of`` (index -> rows); returns the inputs without a record."""
+    from so_det_ultra.metrics.predictions import check_rows
+
+    key = job_key(job["signature"])
     missing = []
-    for index, path, _kind, name in job.get("inputs", []):
+    for index, path, _kind, name in job["inputs"]:
         if index in seen:
             other, was = seen[index]
             if was != path:
                 raise JobError(f"{other} and {d} were not predicted from the same sources ({was} vs {path})")
             raise JobError(f"input {path} is in both {other} and {d}; give each shard's folder once")
-        rec = read_json(d / RESULTS / f"{name}.json")
-        if not isinstance(rec, dict) or rec.get("input") != path:
+        rec_path = d / RESULTS / f"{name}.json"
+        rec = read_json(rec_path)
+        if not isinstance(rec, dict) or rec.get("input") != path or rec.get("job", key) != key:
             missing.append(path)
             continue
+        try:
+            check_rows(rec.get("rows"), rec_path)
+        except ValueError as err:
+            raise JobError(f"{err}; rerun that shard without --resume to rewrite its records") from None
         seen[index] = (d, path)
-        rows_of[index] = rec.get("rows", [])
+        rows_of[index] = rec["rows"]
     return missing
 
 
 def _check_shards(found: set, force: bool) -> None:
-    shards = [parse_shard(s) for s in found if s is not None]
+    try:
+        shards = [parse_shard(s) for s in found if s is not None]
+    except ValueError as err:
+        raise JobError(f"a {JOB_FILE} names a bad shard: {err}") from None
     if not shards:
         return
     n = {n for _, n in shards}

@@ -1,8 +1,10 @@
 """What ``so-det predict`` writes: COCO result rows, annotated images and videos, YOLO label files, MOT track files.
 
-Every file is written under a temporary name in its own folder and moved into place with :func:`os.replace`, so a
-reader (or a rerun after a kill) sees either the old file or the complete new one, never a part. Temporary files are
-opened with :func:`open` and so get the permissions of the process' umask (0644 under umask 022).
+Every file goes through the save folder's :class:`~so_det_ultra.data.ownership.Ownership` (the one ownership model
+of every so-det-ultra output folder): written under an exclusive temporary name in its own folder and moved into
+place with :func:`os.replace`, so a reader (or a rerun after a kill) sees either the old file or the complete new
+one, never a part; a file that replaces an old one is moved in only when its input's outputs are all complete.
+Files get the permissions of the process' umask (0644 under umask 022).
 
 Formats:
     - COCO detection results (``predictions.json``), as written by ``yolo val save_json=True``
@@ -15,49 +17,22 @@ Formats:
 
 from __future__ import annotations
 
-import json
-import os
+import errno
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 
-def _tmp(path: Path) -> Path:
-    """A temporary name next to ``path`` that keeps its suffix (OpenCV picks the encoder from it)."""
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
-def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and :func:`os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=None, separators=(",", ":")) + "\n")
-
-
-def write_image(path, img: np.ndarray) -> Path:
-    """Save a BGR image to ``path`` (format from its suffix) through a temporary file."""
+def write_image(owner, path, img: np.ndarray) -> Path:
+    """Save a BGR image to ``path`` (format from its suffix) through ``owner``."""
     import cv2
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        if not cv2.imwrite(str(tmp), img):
-            raise OSError(f"cannot write an image to {path} (unknown suffix {path.suffix!r}?)")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    ok, buf = cv2.imencode(path.suffix.lower(), img)
+    if not ok:
+        raise ValueError(f"cannot encode an image as {path.suffix!r} for {path}")
+    owner.write_bytes(path, buf.tobytes())
     return path
 
 
@@ -101,37 +76,59 @@ def mot_lines(frame: int, tracks: np.ndarray) -> list[str]:
 class VideoSink:
     """An annotated video written frame by frame to a temporary file and moved into place by :meth:`commit`.
 
+    The file is checked before it replaces anything: a video the writer could not finish (a full disk leaves one
+    without its index) is discarded with an OS error naming the path, and an earlier video of that name is kept.
+
     Args:
+        owner: The save folder's :class:`~so_det_ultra.data.ownership.Ownership`.
         path: The final ``.mp4`` path (MPEG-4 Part 2, ``mp4v``, which every OpenCV build writes).
-        fps (float): Frames per second of the written video.
+        fps (float): Frames per second of the written video (a usable one: :func:`~.sources.usable_fps`).
     """
 
-    def __init__(self, path, fps: float):
-        self.path, self.fps = Path(path), float(fps) if fps and fps > 0 else 30.0
-        self.tmp, self.writer = _tmp(self.path), None
+    def __init__(self, owner, path, fps: float):
+        self.owner, self.path, self.fps = owner, Path(path), float(fps)
+        self.tmp, self.writer, self.frames = None, None, 0
 
     def write(self, frame: np.ndarray) -> None:
         import cv2
 
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.owner.temp_for(self.path, keep_suffix=True)
             h, w = frame.shape[:2]
             self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
             if not self.writer.isOpened():
-                raise OSError(f"cannot write a video to {self.tmp}")
+                raise OSError(f"cannot write a video to {self.path} (OpenCV could not open an mp4v writer)")
         self.writer.write(frame)
+        self.frames += 1
 
     def commit(self) -> Path | None:
-        """Finish the file and move it to ``path``; None when no frame was written."""
+        """Finish the file, check it and hand it to the owner; None when no frame was written."""
         if self.writer is None:
             return None
         self.writer.release()
         self.writer = None
-        os.replace(self.tmp, self.path)
+        if not _complete(self.tmp, self.frames):
+            self.discard()
+            full = shutil.disk_usage(self.path.parent).free < (1 << 20)
+            why = "No space left on device" if full else "the video writer did not finish the file"
+            raise OSError(errno.ENOSPC if full else errno.EIO, f"{why}: {str(self.path)!r}")
+        self.owner.install(self.tmp, self.path)
         return self.path
 
     def discard(self) -> None:
         if self.writer is not None:
             self.writer.release()
             self.writer = None
-        self.tmp.unlink(missing_ok=True)
+        if self.tmp is not None:
+            self.owner.discard(self.tmp)
+
+
+def _complete(path: Path, frames: int) -> bool:
+    """True when the video at ``path`` opens and holds ``frames`` frames (read from its index, nothing decoded)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == frames
+    finally:
+        cap.release()

@@ -8,14 +8,16 @@
   could run any code. For a YAML that uses so-det-ultra blocks (:func:`is_plugin_yaml`), only a plain
   ``nn.<Name>(<literal arguments>)`` naming a ``torch.nn`` module class is accepted (``torch.nn.<Name>`` too), the
   shape Ultralytics' own restricted loader accepts (``_SafeLoad.activation``). A YAML without plugin blocks is left
-  exactly as Ultralytics treats it.
+  exactly as Ultralytics treats it, except inside :func:`so_det_ultra.registry.strict_yamls`: so-det-ultra's own
+  commands (``so-det predict``, ``so-det export``) build every YAML there, so the rule holds for every YAML they
+  build.
 """
 
 from __future__ import annotations
 
 import ast
 
-from so_det_ultra.registry import BLOCKS, ModelBuildError
+from so_det_ultra.registry import BLOCKS, ModelBuildError, yamls_strict
 
 
 def _rows(d: dict) -> list:
@@ -88,7 +90,8 @@ def _is_nn_attr(node) -> bool:
 
 
 def check_yaml(d: dict, namespace: dict) -> None:
-    """:func:`check_sections` for every YAML; :func:`check_activation` for YAMLs with so-det-ultra blocks."""
+    """:func:`check_sections` for every YAML; :func:`check_activation` for YAMLs with so-det-ultra blocks, and for
+    every YAML inside :func:`~so_det_ultra.registry.strict_yamls`."""
     check_sections(d)
-    if is_plugin_yaml(d, namespace):
+    if yamls_strict() or is_plugin_yaml(d, namespace):
         check_activation(d)

@@ -51,20 +51,26 @@ def load_predictions(path) -> list:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    check_rows(rows, path)
+    return rows
+
+
+def check_rows(rows, where) -> None:
+    """Raise ValueError naming ``where`` unless ``rows`` is a list of well-formed COCO result rows (the rules of
+    :func:`load_predictions`; also what ``so-det merge-predictions`` checks in each shard's records)."""
     if not isinstance(rows, list) or (
         rows and not all(isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"} <= r.keys() for r in rows)
     ):
         raise ValueError(
-            f"{path}: expected a JSON list of {{image_id, category_id, bbox, score}} rows, as written "
+            f"{where}: expected a JSON list of {{image_id, category_id, bbox, score}} rows, as written "
             "by 'yolo val save_json=True'"
         )
     bad = [k for k, r in enumerate(rows) if not _good_row(r)]
     if bad:
         raise ValueError(
-            f"{path}: {len(bad)} of {len(rows)} rows have a bbox that is not 4 finite numbers [x, y, w, h] with "
+            f"{where}: {len(bad)} of {len(rows)} rows have a bbox that is not 4 finite numbers [x, y, w, h] with "
             f"w, h >= 0, or a score that is not a finite number (first: row {bad[0]}, {rows[bad[0]]})"
         )
-    return rows
 
 
 def group_predictions(predictions, files, nc: int) -> list[tuple]:
