@@ -191,10 +191,12 @@ def test_slicer_places_patches_as_the_official_ada_slicer():
 def test_sparse_defaults_are_the_official_ones():
     import inspect
 
+    from so_det_ultra.highres.patches import THRESHOLD
     from so_det_ultra.highres.sparse import sparse_predict
 
     params = inspect.signature(sparse_predict).parameters
-    assert params["thr"].default == 0.3 and params["head_dilate"].default == 1 and params["patch"].default is None
+    assert params["thr"].default is None and THRESHOLD == 0.3  # None: the seeker's stored threshold, else 0.3
+    assert params["head_dilate"].default == 1 and params["patch"].default is None
 
 
 # --- VisDrone preparation -------------------------------------------------------------------------------------------
