@@ -270,3 +270,21 @@ def test_the_version_stamp_key_is_the_integrations():
     from so_det_ultra.training.seeker import STAMP_KEY
 
     assert STAMP_KEY == KEY
+
+
+def test_recall_of_detections_counts_only_objects_the_dense_model_finds(fitted, tiny_data, tmp_path):
+    from so_det_ultra.training.seeker import _centres, _detected_centres
+    from so_det_ultra.training.seeker_data import input_size, load_frames
+
+    src, out = fitted
+    _, net = load_checkpoint(out)
+    frames, _ = load_frames(tiny_data)
+    for f in frames[:3]:
+        size = input_size(f.hw, None, 32)
+        every = {tuple(c) for c in _centres(f, size, 32, 4.0)}
+        found = {tuple(c) for c in _detected_centres(net, f, size, 32, 4.0, 0.0)}
+        assert found <= every and not len(_detected_centres(net, f, size, 32, 4.0, 1.0))
+    none = fit_seeker(src, tiny_data, tmp_path / "d.pt", epochs=1, variants=1, holdout=0.25, recall_of="detections",
+                      det_conf=1.0, verbose=False)  # fmt: skip
+    info = torch.load(none, weights_only=False)["fit_seeker"]
+    assert info["heldout_objects"] == 0 and info["thr"] == 0.3, "nothing detected: ESOD's default is stored"

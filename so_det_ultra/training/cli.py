@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     option(p, "--cache", help="stride-8 features: ram, a folder (kept for later fits) or none", defaults_from=_fit)
     p.add_argument("--device", default=argparse.SUPPRESS, help="torch device (default: cuda:0 if available, else cpu)")
     option(p, "--recall", type=float, help="held-out seeker recall the chosen threshold keeps", defaults_from=_fit)
+    option(p, "--recall-of", choices=("objects", "detections"), help="objects: all ground truth; detections: the "
+           "ground truth the dense model finds (one dense pass per held-out frame)", defaults_from=_fit)  # fmt: skip
+    option(p, "--det-conf", type=float, help="--recall-of detections: confidence of a detection", defaults_from=_fit)
     option(p, "--thr", type=float, help="store this heatmap threshold instead of choosing one", defaults_from=_fit)
     option(p, "--holdout", type=float, help="share of the frames held out for recall", defaults_from=_fit)
     option(p, "--split", help="split of --data to fit on", defaults_from=_fit)

@@ -44,10 +44,18 @@ from so_det_ultra.losses.esod import WEIGHTS, class_ratio, heatmap_bce
 from so_det_ultra.nn.esod import SEEKER_STRIDE, ObjectSeeker
 from so_det_ultra.nn.graph import insert_layer, output_shapes, seeker_index, sources
 from so_det_ultra.nn.slicer import THRESHOLD, official_patch, patch_cores, select_patches
-from so_det_ultra.training.seeker_data import FeatureCache, frame_geometry, frame_target, input_size, load_frames
+from so_det_ultra.training.seeker_data import (
+    FeatureCache,
+    frame_geometry,
+    frame_input,
+    frame_target,
+    input_size,
+    load_frames,
+)
 
 STAMP_KEY = "so_det_ultra"  # model.yaml key of the version stamp: integration.checkpoint.KEY (a test checks)
 GRID = 0.01  # threshold step of choose_threshold
+RECALL_OF = ("objects", "detections")  # what the held-out recall counts (fit_seeker recall_of)
 
 
 # --- the model ----------------------------------------------------------------------------------------------------
@@ -206,6 +214,8 @@ def fit_seeker(
     cache: str = "ram",
     device: str | None = None,
     recall: float = 0.98,
+    recall_of: str = "objects",
+    det_conf: float = 0.25,
     thr: float | None = None,
     holdout: float = 0.1,
     split: str = "train",
@@ -238,6 +248,10 @@ def fit_seeker(
             later fits of the same model) or ``none`` (recomputed at every use).
         device (str, optional): Torch device; None: ``cuda:0`` when available, else the CPU.
         recall (float): Held-out seeker recall the chosen threshold keeps.
+        recall_of (str): What that recall counts: ``objects`` (the ground-truth objects, the default) or
+            ``detections`` (the ground-truth objects the dense model finds, at ``det_conf`` and IoU 0.5: the objects
+            sparse inference can lose; one dense pass per held-out frame).
+        det_conf (float): Confidence of the dense detections for ``recall_of="detections"``.
         thr (float, optional): Store this threshold instead of choosing one.
         holdout (float): Share of the frames (every ``1 / holdout``-th) held out for recall and the threshold.
         split (str): Split of ``data`` to fit on.
@@ -255,102 +269,70 @@ def fit_seeker(
     Returns:
         (Path): The checkpoint written.
     """
-    from ultralytics.utils import LOGGER, TQDM
+    from ultralytics.utils import LOGGER
 
     t_start = time.perf_counter()
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    if cache not in ("ram", "none") and not isinstance(cache, (str, Path)):
-        raise ValueError(f"cache must be 'ram', 'none' or a folder, got {cache!r}")
-    if not 0 < recall <= 1 or not 0 < holdout < 1 or variants < 1 or epochs < 0:
-        raise ValueError("need 0 < recall <= 1, 0 < holdout < 1, variants >= 1 and epochs >= 0")
+    _check(weights, cache, recall, recall_of, holdout, variants, epochs)
     out = Path(out) if out else Path(model).with_name(f"{Path(model).stem}-seeker.pt")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass force=True (so-det fit-seeker --force) to replace it")
     device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    say = LOGGER.info if verbose else (lambda *_: None)
 
     ckpt, net = load_checkpoint(model)
     net = net.to(device)
     had = any(isinstance(m, ObjectSeeker) for m in net.model)
     k = add_seeker(net, layer)
     seeker = freeze_all_but_seeker(net, k)
-    src = sources(seeker)[0]
-    stride = _max_stride(net)
+    src, stride = sources(seeker)[0], _max_stride(net)
     frames, cfg = load_frames(data, split, fraction)
     every = max(2, round(1 / holdout))
     held = [f for n, f in enumerate(frames) if n % every == every - 1]
     train = [f for n, f in enumerate(frames) if n % every != every - 1]
     if not train or not held:
         raise ValueError(f"{len(frames)} frames in {data} ({split}): too few to hold out every {every}th")
-    cls_ratio = _cls_ratio(net, frames, cfg.get("names"))
-    feats = FeatureCache(net.model, src, stride, cache, device)
-    plan = _augmentations(train, variants, scale, imgsz, stride, rng)
-    held_keys = [(len(train) + n, f, input_size(f.hw, imgsz, stride), False) for n, f in enumerate(held)]
-    slicer = {"patch": patch, "align": max(stride // SEEKER_STRIDE, 1), "prune": prune}
-    say = LOGGER.info if verbose else (lambda *_: None)
     say(
         f"fit-seeker: {'re-fitting the ObjectSeeker' if had else 'ObjectSeeker inserted'} at layer {k} (reads layer "
         f"{src}, stride {SEEKER_STRIDE}); {len(train)} training frames x {variants} variants, {len(held)} held out; "
         f"features: {cache}"
     )
 
-    targets = {}
-    for i, f, vs in plan:
-        for s, fl in vs:
-            boxes, ignore, hw = frame_geometry(f, s, stride, fl)
-            shape = (hw[0] // SEEKER_STRIDE, hw[1] // SEEKER_STRIDE)
-            targets[i, s, fl] = frame_target(boxes, ignore, f, shape, SEEKER_STRIDE, weights, cls_ratio, frame_area)
+    feats = FeatureCache(net.model, src, stride, cache, device)
+    plan = _augmentations(train, variants, scale, imgsz, stride, rng)
+    cls_ratio = _cls_ratio(net, frames, cfg.get("names"))
+    targets = {
+        (i, s, fl): _target(f, s, fl, stride, weights, cls_ratio, frame_area) for i, f, vs in plan for s, fl in vs
+    }
+    held_keys = [(len(train) + n, f, input_size(f.hw, imgsz, stride), False) for n, f in enumerate(held)]
     held_centres = [_centres(f, s, stride, min_size) for _, f, s, _ in held_keys]
     t0 = time.perf_counter()
-    if cache != "none":  # fill the cache once, with a progress bar
-        keys = [(i, f, s, fl) for i, f, vs in plan for s, fl in vs] + held_keys
-        for i, f, s, fl in TQDM(keys, desc="fit-seeker: stride-8 features", disable=not verbose):
-            feats.get(i, f, s, fl)
+    if cache != "none":
+        _fill(feats, [(i, f, s, fl) for i, f, vs in plan for s, fl in vs] + held_keys, verbose)
     t_cache = time.perf_counter() - t0
     calibrate_bn(seeker, (feats.get(i, f, *vs[0]) for i, f, vs in plan))
-
-    opt = torch.optim.AdamW([p for p in seeker.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    steps = max(epochs * len(train), 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * n / steps)))
-    history = []
+    slicer = {"patch": patch, "align": max(stride // SEEKER_STRIDE, 1), "prune": prune}
     monitor = THRESHOLD if thr is None else thr
     t0 = time.perf_counter()
-    for epoch in range(epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        bar = TQDM(total=len(order), desc=f"fit-seeker {epoch + 1}/{epochs}", disable=not verbose)
-        total = 0.0
-        for n, i in enumerate(order, 1):
-            s, fl = rng.choice(plan[i][2])
-            logits = seeker_logits(seeker, feats.get(i, train[i], s, fl))
-            loss = heatmap_bce(logits, *(t.to(device) for t in targets[i, s, fl]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-            bar.set_description(f"fit-seeker {epoch + 1}/{epochs} heatmap loss {total / n:.4f}")
-            bar.update()
-        probs = heldout_heatmaps(seeker, feats, held_keys)
-        rec, npatch = recall_at(list(zip(probs, held_centres)), monitor, **slicer)
-        history.append({"epoch": epoch + 1, "loss": total / max(len(order), 1), "recall": rec, "patches": npatch})
-        bar.set_description(
-            f"fit-seeker {epoch + 1}/{epochs} heatmap loss {total / max(len(order), 1):.4f} held-out recall "
-            f"{100 * rec:.1f} % ({npatch:.1f} patches/frame at thr {monitor:g})"
-        )
-        bar.close()
+    history = train_seeker(
+        seeker, feats, plan, targets, (held_keys, held_centres), epochs, lr, rng, slicer, monitor, verbose
+    )
     t_train = time.perf_counter() - t0
 
     _round_like_checkpoint(seeker, ckpt)  # the threshold is chosen for the weights as they will be stored
+    if recall_of == "detections":
+        held_centres = [_detected_centres(net, f, s, stride, min_size, det_conf) for _, f, s, _ in held_keys]
     held_frames = list(zip(heldout_heatmaps(seeker, feats, held_keys), held_centres))
-    if thr is None:
-        thr, scan = choose_threshold(held_frames, recall, **slicer)
-    else:
-        scan = []
+    if thr is None and not sum(len(c) for c in held_centres):
+        LOGGER.warning(f"fit-seeker: no held-out {recall_of} to choose a threshold from; storing ESOD's {THRESHOLD}")
+        thr = THRESHOLD
+    thr, scan = choose_threshold(held_frames, recall, **slicer) if thr is None else (thr, [])
     rec, npatch = recall_at(held_frames, thr, **slicer)
     seeker.thr = float(thr)
+    settings = dict(epochs=epochs, variants=variants, scale=scale, imgsz=imgsz, cache=str(cache), lr=lr)
+    settings.update(weights=weights, frame_area=frame_area, min_size=min_size, patch=patch, prune=prune)
+    settings.update(holdout=holdout, recall_of=recall_of, det_conf=det_conf, seed=seed)
     info = {
         "source": str(model),
         "data": str(data),
@@ -361,36 +343,105 @@ def fit_seeker(
         "thr": float(thr),
         "recall_target": recall,
         "heldout_recall": rec,
+        "heldout_objects": sum(len(c) for c in held_centres),
         "heldout_patches": npatch,
         "heldout_frames": len(held),
         "train_frames": len(train),
         "threshold_scan": scan,
         "history": history,
-        "settings": {
-            "epochs": epochs,
-            "variants": variants,
-            "scale": scale,
-            "imgsz": imgsz,
-            "cache": str(cache),
-            "lr": lr,
-            "weights": weights,
-            "frame_area": frame_area,
-            "min_size": min_size,
-            "patch": patch,
-            "prune": prune,
-            "holdout": holdout,
-            "seed": seed,
-        },
+        "settings": settings,
         "seconds": {"features": t_cache, "training": t_train, "total": time.perf_counter() - t_start},
         "so_det_ultra": __version__,
     }
     write_checkpoint(ckpt, net, out, info)
     say(
-        f"fit-seeker: threshold {thr:g} keeps {100 * rec:.1f} % of {sum(len(c) for c in held_centres)} held-out "
-        f"objects in {npatch:.1f} patches per frame (target {100 * recall:g} %); {info['seconds']['total']:.0f} s "
-        f"(features {t_cache:.0f} s, {feats.nbytes() / 2**30:.2f} GiB in memory; training {t_train:.0f} s)"
+        f"fit-seeker: threshold {thr:g} keeps {100 * rec:.1f} % of {info['heldout_objects']} held-out "
+        f"{'objects' if recall_of == 'objects' else 'detected objects'} in {npatch:.1f} patches per frame (target "
+        f"{100 * recall:g} %); {info['seconds']['total']:.0f} s (features {t_cache:.0f} s, "
+        f"{feats.nbytes() / 2**30:.2f} GiB in memory; training {t_train:.0f} s)"
     )
     return out
+
+
+def _check(weights, cache, recall, recall_of, holdout, variants, epochs) -> None:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if not isinstance(cache, (str, Path)):
+        raise ValueError(f"cache must be 'ram', 'none' or a folder, got {cache!r}")
+    if recall_of not in RECALL_OF:
+        raise ValueError(f"recall_of must be one of {RECALL_OF}, got {recall_of!r}")
+    if not 0 < recall <= 1 or not 0 < holdout < 1 or variants < 1 or epochs < 0:
+        raise ValueError("need 0 < recall <= 1, 0 < holdout < 1, variants >= 1 and epochs >= 0")
+
+
+def train_seeker(seeker, feats, plan, targets, held, epochs, lr, rng, slicer, monitor, verbose=True) -> list:
+    """Train ``seeker`` on the cached features: per epoch every training frame once, in a random order, as one of its
+    variants at random; AdamW with a cosine decay to 5 % of ``lr``; after each epoch the held-out recall and patches
+    per frame at threshold ``monitor`` (``held``: (keys, centres)). Returns one record per epoch."""
+    from ultralytics.utils import TQDM
+
+    device = next(seeker.parameters()).device
+    opt = torch.optim.AdamW([p for p in seeker.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    steps = max(epochs * len(plan), 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * n / steps)))
+    history = []
+    for epoch in range(epochs):
+        order = list(range(len(plan)))
+        rng.shuffle(order)
+        bar = TQDM(total=len(order), desc=f"fit-seeker {epoch + 1}/{epochs}", disable=not verbose)
+        total = 0.0
+        for n, i in enumerate(order, 1):
+            _, frame, vs = plan[i]
+            s, fl = rng.choice(vs)
+            logits = seeker_logits(seeker, feats.get(i, frame, s, fl))
+            loss = heatmap_bce(logits, *(t.to(device) for t in targets[i, s, fl]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+            bar.set_description(f"fit-seeker {epoch + 1}/{epochs} heatmap loss {total / n:.4f}")
+            bar.update()
+        rec, npatch = recall_at(list(zip(heldout_heatmaps(seeker, feats, held[0]), held[1])), monitor, **slicer)
+        history.append({"epoch": epoch + 1, "loss": total / max(len(order), 1), "recall": rec, "patches": npatch})
+        bar.set_description(
+            f"fit-seeker {epoch + 1}/{epochs} heatmap loss {history[-1]['loss']:.4f} held-out recall "
+            f"{100 * rec:.1f} % ({npatch:.1f} patches/frame at thr {monitor:g})"
+        )
+        bar.close()
+    return history
+
+
+def _fill(feats: FeatureCache, keys, verbose: bool) -> None:
+    """Compute (and keep) the features of every ``(index, frame, size, flip)`` key once, with a progress bar."""
+    from ultralytics.utils import TQDM
+
+    for i, f, s, fl in TQDM(keys, desc="fit-seeker: stride-8 features", disable=not verbose):
+        feats.get(i, f, s, fl)
+
+
+def _target(frame, size, flip, stride, weights, cls_ratio, frame_area):
+    boxes, ignore, hw = frame_geometry(frame, size, stride, flip)
+    shape = (hw[0] // SEEKER_STRIDE, hw[1] // SEEKER_STRIDE)
+    return frame_target(boxes, ignore, frame, shape, SEEKER_STRIDE, weights, cls_ratio, frame_area)
+
+
+@torch.no_grad()
+def _detected_centres(net, frame, size: int, stride: int, min_size: float, conf: float) -> np.ndarray:
+    """Centres (cells) of ``frame``'s objects (>= ``min_size`` px) that the dense ``net`` finds: a detection at
+    confidence >= ``conf`` with IoU >= 0.5 (Ultralytics' NMS at IoU 0.7, at most 1000 per frame)."""
+    import cv2
+    from torchvision.ops import box_iou
+    from ultralytics.utils.nms import non_max_suppression
+
+    x = frame_input(cv2.imread(frame.path), size, stride).to(next(net.parameters()).device)
+    det = non_max_suppression(net(x)[0], conf, 0.7, max_det=1000)[0]
+    boxes = frame_geometry(frame, size, stride)[0]
+    wh = frame.boxes[:, 2:] - frame.boxes[:, :2]
+    found = np.zeros(len(boxes), bool)
+    if len(det) and len(boxes):
+        found = (box_iou(torch.as_tensor(boxes, dtype=torch.float32), det[:, :4].cpu()).max(1).values >= 0.5).numpy()
+    return object_centres(boxes, SEEKER_STRIDE, (wh >= min_size).all(1) & found)
 
 
 def _augmentations(train, variants: int, scale: float, imgsz, stride: int, rng) -> list:
