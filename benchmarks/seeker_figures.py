@@ -129,7 +129,7 @@ def plot_frame(label, sm, maps, n: int, out: Path):
         cores = patch_cores(select_patches(h, thr, p, sm.align), tuple(h.shape), p)
         ax.imshow(rgb)
         big = cv2.resize(h.numpy(), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
-        ax.imshow(np.ma.masked_less(big, 0.05), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.imshow(np.ma.masked_less(big, 0.1), cmap="jet", alpha=0.45, vmin=0, vmax=1)  # cells < 0.1 left clear
         inside = np.zeros(len(centres), bool)
         for y0, x0, y1, x1 in cores:
             ax.add_patch(Rectangle((x0 * sm.cell, y0 * sm.cell), (x1 - x0) * sm.cell, (y1 - y0) * sm.cell,

@@ -105,8 +105,8 @@ def freeze_all_but_seeker(model, k: int) -> ObjectSeeker:
 class _DepthwiseConv(torch.autograd.Function):
     """Depthwise convolution whose weight gradient is computed as one grouped convolution of the input with the
     output gradient (each channel's input correlated with its gradient), and no input gradient (the features are
-    frozen). The same gradient as autograd's (tested); on a 2-core CPU 12x faster than PyTorch's depthwise backward
-    for the seeker's 13x13 kernel on a 1080p frame (41 ms against 516 ms, 128 channels, one thread)."""
+    frozen). The same gradient as autograd's (tested); 12x faster than PyTorch's depthwise backward for the seeker's
+    13x13 kernel on a 1080p frame (41 ms against 516 ms, 128 channels, one thread of a loaded 2-core CPU)."""
 
     @staticmethod
     def forward(ctx, x, weight, pad: int):
