@@ -308,7 +308,7 @@ def fit(a):
     data = rest_data(Path(a.sample), Path(a.data_dir))
     held, rest = split_frames(Path(a.sample))
     print(f"fitting on {len(rest)} sample images ({data}); the {len(held)} benchmark frames are left out")
-    keys = ("epochs", "variants", "recall", "recall_of", "cache", "holdout", "fraction")
+    keys = ("epochs", "variants", "recall", "recall_of", "det_conf", "cache", "holdout", "fraction")
     opts = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     print(fit_seeker(a.weights, data, a.out, force=a.force, **opts))
 
@@ -534,6 +534,7 @@ def main(argv=None):
     f.add_argument("--variants", type=int, help="fit_seeker variants (default: fit_seeker's)")
     f.add_argument("--recall", type=float, help="fit_seeker recall target (default: fit_seeker's)")
     f.add_argument("--recall-of", choices=("objects", "detections"), help="fit_seeker recall_of (default: its own)")
+    f.add_argument("--det-conf", type=float, help="fit_seeker det_conf (default: its own)")
     f.add_argument("--holdout", type=float, help="fit_seeker holdout (default: fit_seeker's)")
     f.add_argument("--cache", help="fit_seeker cache (default: fit_seeker's)")
     f.add_argument("--fraction", type=float, help="fit_seeker fraction of the images (default: fit_seeker's)")
