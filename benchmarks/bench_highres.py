@@ -27,6 +27,13 @@ or, with ``--patch N``, with ESOD's patch training (``esod_train:``, so_det_ultr
     python benchmarks/bench_highres.py train --tile 512 --patch 2 --out runs/highres-patch   # 256 px patches
     python benchmarks/bench_highres.py bench --weights runs/highres/train/weights/best.pt --frames 6
     python benchmarks/bench_highres.py head        # the sparse head alone against the dense Detect head
+
+Seekers fitted onto trained detectors (``so-det fit-seeker``): ``fit`` fits one on the sample images outside the
+benchmark frames (never on them), ``compare`` measures checkpoints side by side on the benchmark frames, each with
+its learned heatmap and with the oracle::
+
+    python benchmarks/bench_highres.py fit --weights runs/dense/best.pt --out runs/dense/best-seeker.pt
+    python benchmarks/bench_highres.py compare --weights "joint=runs/dense/best.pt" "fitted=runs/dense/best-seeker.pt"
 """
 
 from __future__ import annotations
@@ -270,6 +277,150 @@ def bench(a):
         print(eff.final_line(summary, "sparse-oracle", "sparse-seeker", 100 * (rec("sparse-seeker") - rec("dense"))))
 
 
+def rest_data(sample: Path, folder: Path) -> Path:
+    """data.yaml of the sample images outside the benchmark frames (``split_frames``' rest), converted once into
+    ``folder`` with ``so-det convert visdrone`` (images linked, ignored regions in the sidecars, not painted)."""
+    from so_det_ultra.data.visdrone import convert_visdrone
+
+    _, rest = split_frames(sample)
+    data = folder / "data" / "data.yaml"
+    names = sorted(p.stem for p in rest)
+    listed = folder / "frames.txt"
+    if data.is_file() and listed.is_file() and listed.read_text().split() == names:
+        return data
+    src = folder / "VisDrone2019-DET-train"
+    for sub, suffix in (("images", ".jpg"), ("annotations", ".txt")):
+        (src / sub).mkdir(parents=True, exist_ok=True)
+        for stale in (src / sub).iterdir():
+            stale.unlink()
+        for name in names:
+            (src / sub / f"{name}{suffix}").symlink_to((sample / sub / f"{name}{suffix}").resolve())
+    convert_visdrone(src, folder / "data", split="train", images="symlink", force=True, show_progress=False)
+    listed.write_text("\n".join(names) + "\n")
+    return data
+
+
+def fit(a):
+    """``so-det fit-seeker`` on the sample images outside the benchmark frames (``rest_data``)."""
+    from so_det_ultra.training.seeker import fit_seeker
+
+    torch.set_num_threads(a.threads)
+    data = rest_data(Path(a.sample), Path(a.data_dir))
+    held, rest = split_frames(Path(a.sample))
+    print(f"fitting on {len(rest)} sample images ({data}); the {len(held)} benchmark frames are left out")
+    keys = ("epochs", "variants", "recall", "recall_of", "det_conf", "cache", "holdout", "fraction")
+    opts = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
+    print(fit_seeker(a.weights, data, a.out, force=a.force, **opts))
+
+
+def compare(a):
+    """Checkpoints with a seeker side by side on the benchmark frames: for each, dense, sparse with its learned heatmap
+    (its stored threshold, else ESOD's 0.3) and sparse with the oracle heatmap, interleaved per frame in one run."""
+    from so_det_ultra.highres import common
+    from so_det_ultra.highres.sparse import SparseModel, sparse_predict
+
+    torch.set_num_threads(a.threads)
+    sample = Path(a.sample)
+    held, _ = split_frames(sample)
+    sizes = {p: cv2.imread(str(p)).shape[:2] for p in held}
+    frames = [p for hw in SIZES for p in [q for q in held if sizes[q] == hw][: a.frames]]
+    images = [cv2.imread(str(p)) for p in frames]
+    gts = [ground_truth(p.stem, sample, im.shape[1], im.shape[0]) for p, im in zip(frames, images)]
+    runs = []
+    for spec in a.weights:
+        label, _, path = spec.rpartition("=")
+        sm = SparseModel(common.load_model(path))
+        info = torch.load(path, map_location="cpu", weights_only=False).get("fit_seeker") or {}
+        source = info.get("source")
+        dense = sm.model  # a fitted checkpoint's dense baseline is its source, the detector without the seeker
+        if source and Path(source).is_file() and not a.dense_with_seeker:
+            dense = common.load_model(source)
+        runs.append(
+            {"label": label or Path(path).stem, "sm": sm, "dense": dense, "oracle": oracle_heatmap(gts, sm.cell)}
+        )
+    print(
+        f"{len(frames)} frames {sorted({im.shape[:2] for im in images})}; torch threads {a.threads}; conf {a.conf}; "
+        f"oracle threshold {a.thr}"
+    )
+    stats = {(r["label"], m): {"ms": [], "found": 0, "total": 0, "cov": 0, "covn": 0, "units": []} for r in runs
+             for m in ("dense", "learned", "oracle")}  # fmt: skip
+
+    def one(r, mode, n, img):
+        if mode == "dense":
+            x = common.letterbox(img, None, r["sm"].stride)
+            with torch.no_grad():
+                det = non_max_suppression(r["dense"](x)[0], a.conf, 0.7, max_det=a.max_det, max_time_img=60)[0]
+            return common.to_results(det, img, str(frames[n]), r["sm"].names, tuple(x.shape[2:]))
+        heat = (lambda k, path, hw, cells: r["oracle"](n, img.shape[:2], hw, cells)) if mode == "oracle" else None
+        thr = a.thr if mode == "oracle" else None
+        return sparse_predict(r["sm"], img, heatmap=heat, thr=thr, conf=a.conf, max_det=a.max_det, margin=a.margin)[0]
+
+    from ultralytics.utils.nms import non_max_suppression
+
+    for rnd in range(a.rounds + 1):  # round 0: untimed (recall, coverage, warm-up)
+        for n, img in enumerate(images):
+            for r in runs:
+                for mode in ("dense", "learned", "oracle"):
+                    t0 = time.perf_counter()
+                    res = one(r, mode, n, img)
+                    st = stats[r["label"], mode]
+                    if rnd:
+                        st["ms"].append((time.perf_counter() - t0) * 1000)
+                        continue
+                    f, t = recall(res.boxes.xyxy.numpy(), gts[n][0])
+                    st["found"], st["total"] = st["found"] + f, st["total"] + t
+                    if mode != "dense":
+                        st["units"].append(len(res.patches))
+                        x_hw = common.letterbox(img, None, r["sm"].stride).shape[2:]
+                        geo = letterbox_geometry(*img.shape[:2], x_hw)
+                        c, t = coverage(res.patches, gts[n][0], *geo, r["sm"].cell)
+                        st["cov"], st["covn"] = st["cov"] + c, st["covn"] + t
+    print(compare_table(runs, stats))
+
+
+def compare_table(runs, stats) -> str:
+    """The side-by-side table of :func:`compare` (markdown) and one verdict line per checkpoint."""
+
+    def rec(st):
+        return 100 * st["found"] / max(st["total"], 1)
+
+    lines = [
+        "| detector / seeker | heatmap | threshold | patches/frame | seeker recall | recall dense | recall sparse | "
+        "dense ms | sparse ms | x dense | of oracle's x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for r in runs:
+        d = stats[r["label"], "dense"]
+        dense_ms, speed = statistics.mean(d["ms"] or [float("nan")]), {}
+        for mode in ("learned", "oracle"):
+            st = stats[r["label"], mode]
+            speed[mode] = dense_ms / statistics.mean(st["ms"] or [float("nan")])
+        for mode in ("learned", "oracle"):
+            st = stats[r["label"], mode]
+            thr = r["sm"].threshold if mode == "learned" else "GT"
+            cells = (
+                r["label"],
+                mode,
+                thr if isinstance(thr, str) else f"{thr:.2f}",
+                f"{statistics.mean(st['units']):.1f}",
+                f"{100 * st['cov'] / max(st['covn'], 1):.1f} %",
+                f"{rec(d):.1f} %",
+                f"{rec(st):.1f} % ({rec(st) - rec(d):+.1f})",
+                f"{dense_ms:.0f}",
+                f"{statistics.mean(st['ms'] or [0]):.0f}",
+                f"{speed[mode]:.2f}x",
+                f"{speed[mode] / speed['oracle']:.2f}",
+            )
+            lines.append("| " + " | ".join(cells) + " |")
+        delta = rec(stats[r["label"], "learned"]) - rec(d)
+        verdicts.append(
+            f"{r['label']}: learned {speed['learned']:.2f}x = {speed['learned'] / speed['oracle']:.2f} of the oracle's "
+            f"{speed['oracle']:.2f}x (goal >= 0.9), detector recall {delta:+.1f} points vs dense (goal >= -2)"
+        )
+    return "\n".join(["", *lines, "", *verdicts])
+
+
 def head(a):
     """Dense Detect vs the sparse head alone, on 12 patch-sized feature maps, for clustered masks of growing density."""
     import torch.nn.functional as F
@@ -337,10 +488,11 @@ def report(rows, a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
-    for name in ("train", "bench", "head"):
+    for name in ("train", "bench", "head", "fit", "compare"):
         s = sub.add_parser(name)
         s.add_argument("--sample", default=str(SAMPLE))
         s.add_argument("--model", default="so-det-esod-s.yaml")
+        s.add_argument("--threads", type=int, default=2)
     t = sub.choices["train"]
     t.add_argument("--out", default="runs/highres")
     t.add_argument("--epochs", type=int, default=5)
@@ -357,22 +509,47 @@ def main(argv=None):
         help="ESODLoss frame_area: native-resolution crops of ~1080p frames count object areas in input pixels",
     )
     b = sub.choices["bench"]
-    b.add_argument("--weights", help="trained so-det-esod checkpoint (default: untrained --model)")
+    b.add_argument("--weights", help="trained checkpoint with a seeker, fitted ones too (default: untrained --model)")
     b.add_argument("--frames", type=int, default=4, help="held-out frames per size (1920x1080, 2000x1500)")
     b.add_argument("--rounds", type=int, default=2, help="timed rounds over all frames (after one warm-up round)")
     b.add_argument("--conf", type=float, default=0.01)
     b.add_argument("--max-det", type=int, default=5000, help="high, so the cap does not decide recall")
     b.add_argument("--thr", type=float, default=0.5, help="heatmap threshold with the oracle heatmap")
-    b.add_argument("--seeker-thr", type=float, default=0.3, help="heatmap threshold with the model's seeker")
+    b.add_argument(
+        "--seeker-thr",
+        type=float,
+        default=None,
+        help="heatmap threshold with the model's seeker (default: its stored one)",
+    )
     b.add_argument("--patch-sweep", type=int, nargs="*", default=[16], help="extra oracle runs at these patch sizes")
     b.add_argument("--margin", type=int, default=2)
     b.add_argument("--modes", nargs="*", help="only these sparse modes (and sliced if named); dense always runs")
-    b.add_argument("--threads", type=int, default=2)
     h = sub.choices["head"]
     h.add_argument("--rounds", type=int, default=5)
-    h.add_argument("--threads", type=int, default=2)
+    f = sub.choices["fit"]
+    f.add_argument("--weights", required=True, help="trained detection checkpoint")
+    f.add_argument("--out", required=True, help="fitted checkpoint to write")
+    f.add_argument("--data-dir", default="/tmp/bench_highres/rest", help="where the rest of the sample is converted")
+    f.add_argument("--epochs", type=int, help="fit_seeker epochs (default: fit_seeker's)")
+    f.add_argument("--variants", type=int, help="fit_seeker variants (default: fit_seeker's)")
+    f.add_argument("--recall", type=float, help="fit_seeker recall target (default: fit_seeker's)")
+    f.add_argument("--recall-of", choices=("objects", "detections"), help="fit_seeker recall_of (default: its own)")
+    f.add_argument("--det-conf", type=float, help="fit_seeker det_conf (default: its own)")
+    f.add_argument("--holdout", type=float, help="fit_seeker holdout (default: fit_seeker's)")
+    f.add_argument("--cache", help="fit_seeker cache (default: fit_seeker's)")
+    f.add_argument("--fraction", type=float, help="fit_seeker fraction of the images (default: fit_seeker's)")
+    f.add_argument("--force", action="store_true", help="replace --out")
+    c = sub.choices["compare"]
+    c.add_argument("--weights", nargs="+", required=True, help="LABEL=checkpoint, each with a seeker")
+    c.add_argument("--frames", type=int, default=4, help="held-out frames per size (1920x1080, 2000x1500)")
+    c.add_argument("--rounds", type=int, default=2, help="timed rounds over all frames (after one untimed round)")
+    c.add_argument("--conf", type=float, default=0.01)
+    c.add_argument("--max-det", type=int, default=5000, help="high, so the cap does not decide recall")
+    c.add_argument("--thr", type=float, default=0.5, help="heatmap threshold with the oracle heatmap")
+    c.add_argument("--margin", type=int, default=2)
+    c.add_argument("--dense-with-seeker", action="store_true", help="time a fitted model's dense pass with its seeker")
     a = p.parse_args(argv)
-    {"train": train, "bench": bench, "head": head}[a.step](a)
+    {"train": train, "bench": bench, "head": head, "fit": fit, "compare": compare}[a.step](a)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from so_det_ultra.demo import cli as demo_cli
 from so_det_ultra.highres import cli as highres_cli
 from so_det_ultra.highres import export as export_cli
 from so_det_ultra.metrics import cli as metrics_cli
+from so_det_ultra.training import cli as training_cli
 
-COMMANDS = (demo_cli, data_cli, metrics_cli, highres_cli, export_cli)  # ..., predict + merge-predictions, export
+COMMANDS = (demo_cli, data_cli, metrics_cli, highres_cli, export_cli, training_cli)  # ..., export, fit-seeker
 
 
 def build_parser() -> argparse.ArgumentParser:

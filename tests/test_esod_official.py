@@ -206,7 +206,7 @@ def test_patch_training_runs_through_yolo_train(tiny_data, workdir, tmp_path):
 
 
 def test_pruning_drops_a_patch_the_others_already_hold():
-    from so_det_ultra.highres.patches import _prune
+    from so_det_ultra.nn.slicer import _prune
 
     active = torch.zeros(8, 16, dtype=torch.bool)
     active[2:6, 1:15] = True  # a wide cluster: the middle patch's active cells lie in the two outer cores

@@ -189,6 +189,18 @@ def frame_areas(areas: torch.Tensor, frame_area: float | None = None) -> torch.T
     return areas[:, 0] / frame.clamp(min=1.0) * (REF_FRAME[0] * REF_FRAME[1])
 
 
+def heatmap_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The heatmap loss: ``sum(weight * BCE(logits, target)) / (cells with weight > 0)``.
+
+    The official ``F.binary_cross_entropy_with_logits(p, masks, weight=weight)`` (``utils/loss.py``,
+    ``compute_loss_seg``) is the mean over all cells; ignored cells (weight 0) are left out of the count here, which
+    is the same when nothing is ignored. ``target`` and ``weight`` come from :func:`heatmap_target`, shaped like
+    ``logits``. Shared by :class:`ESODLoss` and seeker fitting (:mod:`so_det_ultra.training.seeker`).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target, weight=weight, reduction="sum")
+    return bce / (weight > 0).sum().clamp(min=1)
+
+
 def _seeker_head(model):
     """The model's SeekerDetect head, checked to read the model's one ObjectSeeker layer; ValueError otherwise."""
     from so_det_ultra.nn.esod import SeekerDetect
@@ -314,8 +326,7 @@ class ESODLoss(v8DetectionLoss):
             imgsz = torch.tensor(preds["feats"][0].shape[2:], device=self.device) * self.stride[0]
         stride = float(imgsz[0]) / logits.shape[2]
         target, weight = self.targets(batch, bs, logits.shape[2:], stride, imgsz)
-        bce = F.binary_cross_entropy_with_logits(logits.float(), target, weight=weight, reduction="sum")
-        return bce / (weight > 0).sum().clamp(min=1)
+        return heatmap_bce(logits, target, weight)
 
     def targets(self, batch, bs, shape, stride, imgsz):
         scale = imgsz[[1, 0, 1, 0]].float()

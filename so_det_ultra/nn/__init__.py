@@ -6,8 +6,9 @@ Owns: the blocks and their channel rules. Imports torch, Ultralytics' public mod
 :mod:`.downsample` (SpaceToDepth, ECA, CDown), :mod:`.fusion` (SimAM, SWSConv, CGA attentions, EAFusion,
 WeightedConcat), :mod:`.mrae` (MRAE), :mod:`.efpn` (CEM, FBSM), :mod:`.sgdm` (RDConv, SGDM), :mod:`.detr`
 (SamplingRTDETRDecoder, SampleWeightGenerator), :mod:`.esod` (ObjectSeeker, SeekerDetect), :mod:`.head` (FastDetect,
-FastDFL); :mod:`.graph` walks a built model (the seeker, ``from`` indices). A new family is a new module here,
-imported below and listed in ``__all__`` (docs/adding-a-block.md).
+FastDFL); :mod:`.graph` walks a built model (the seeker, ``from`` indices) and inserts a layer into it;
+:mod:`.slicer` is ESOD's patch selection from a heatmap (shared by sparse inference and seeker fitting). A new family
+is a new module here, imported below and listed in ``__all__`` (docs/adding-a-block.md).
 """
 
 from so_det_ultra.nn.detr import SampleWeightGenerator, SamplingRTDETRDecoder
