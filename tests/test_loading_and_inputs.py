@@ -20,8 +20,9 @@ import yaml
 from ultralytics import YOLO
 
 from so_det_ultra.cli import main
-from so_det_ultra.highres.common import UnsafeCheckpointError, load_model
+from so_det_ultra.highres.common import load_model
 from so_det_ultra.highres.engines import open_predictor
+from so_det_ultra.nn.checkpoints import UnsafeCheckpointError
 from so_det_ultra.registry import ModelBuildError
 
 FAST = ["--mode", "sparse", "--thr", "0", "--conf", "0.000001", "--max-det", "5", "--device", "cpu"]
@@ -62,7 +63,8 @@ def so_det(capsys, *args) -> tuple[int, str]:
 
 @pytest.mark.parametrize("name", ["evil.PT", "evil.pth", "evil"])
 def test_checkpoints_are_loaded_by_content_whatever_their_name(ckpts, tmp_path, capsys, name):
-    """A code-running pickle named ``.PT``, ``.pth`` or without a suffix is refused by every predictor and by export."""
+    """A code-running pickle named ``.PT``, ``.pth`` or without a suffix is refused by every predictor, by export and
+    by seeker fitting."""
     _, evil, marker = ckpts
     if marker.exists():
         marker.rmdir()  # each test starts without it
@@ -73,6 +75,8 @@ def test_checkpoints_are_loaded_by_content_whatever_their_name(ckpts, tmp_path, 
             open_predictor(renamed, mode, device="cpu")
     rc, err = so_det(capsys, "export", "--sparse", "--model", renamed, "--out", tmp_path / "exp")
     assert rc == 2 and "safe loading refused it" in err
+    rc, err = so_det(capsys, "fit-seeker", "--model", renamed, "--data", tmp_path / "data.yaml", "--out", tmp_path / "f")
+    assert rc == 2 and "safe loading refused it" in err and not (tmp_path / "f").exists()
     assert not marker.exists(), "the checkpoint's code ran"
 
 

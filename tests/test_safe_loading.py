@@ -16,7 +16,8 @@ import yaml
 from ultralytics import YOLO
 
 from so_det_ultra import paths
-from so_det_ultra.highres.common import UnsafeCheckpointError, load_model
+from so_det_ultra.highres.common import load_model
+from so_det_ultra.nn.checkpoints import UnsafeCheckpointError
 from so_det_ultra.registry import ModelBuildError
 
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from so_det_ultra.cliargs import HelpFormatter, kwargs_for, option
+from so_det_ultra.data._io import os_error_text
 
 
 def _fit():
@@ -60,6 +61,9 @@ def add_parser(sub) -> None:
                    help="recall without patch pruning (as sparse_predict(prune=False))")  # fmt: skip
     option(p, "--seed", type=int, help="seed of augmentation and order", defaults_from=_fit)
     p.add_argument("--force", action="store_true", default=argparse.SUPPRESS, help="replace an existing --out")
+    p.add_argument("--unsafe-load", action="store_true", default=argparse.SUPPRESS,
+                   help="read --model with full pickle loading: it can run code stored in the file; only for files you "
+                   "trust")  # fmt: skip
     p.set_defaults(func=_run)
 
 
@@ -70,5 +74,9 @@ def _run(a) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"so-det fit-seeker: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a folder without write permission: the path and nothing written
+        out = getattr(a, "out", None) or "the checkpoint"
+        print(f"so-det fit-seeker: {os_error_text(e)}; {out} was not written", file=sys.stderr)
+        return 1
     print(out)
     return 0

@@ -27,8 +27,8 @@ What :func:`fit_seeker` does with a checkpoint:
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import random
 import time
 from copy import deepcopy
@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from so_det_ultra._version import __version__
+from so_det_ultra.data._io import atomic_write_bytes
 from so_det_ultra.losses.esod import WEIGHTS, class_ratio, heatmap_bce
+from so_det_ultra.nn.checkpoints import read_checkpoint
 from so_det_ultra.nn.esod import SEEKER_STRIDE, ObjectSeeker
 from so_det_ultra.nn.graph import insert_layer, output_shapes, seeker_index, sources
 from so_det_ultra.nn.slicer import THRESHOLD, official_patch, patch_cores, select_patches
@@ -228,6 +230,7 @@ def fit_seeker(
     prune: bool = True,
     seed: int = 0,
     force: bool = False,
+    unsafe_load: bool = False,
     verbose: bool = True,
 ) -> Path:
     """Fit an ESOD seeker onto the frozen detector of checkpoint ``model`` and write ``out`` (see the module docs).
@@ -264,6 +267,8 @@ def fit_seeker(
         prune (bool): Patch pruning as sparse inference (default on).
         seed (int): Seed of the augmentation and the training order.
         force (bool): Replace an existing ``out``.
+        unsafe_load (bool): Read ``model`` with full pickle loading (it can run code stored in the file; only for
+            files you trust); by default it is read weights-only and a file naming other code is refused.
         verbose (bool): Progress bars and the summary.
 
     Returns:
@@ -281,7 +286,7 @@ def fit_seeker(
     torch.manual_seed(seed)
     say = LOGGER.info if verbose else (lambda *_: None)
 
-    ckpt, net = load_checkpoint(model)
+    ckpt, net = load_checkpoint(model, unsafe_load)
     net = net.to(device)
     had = any(isinstance(m, ObjectSeeker) for m in net.model)
     k = add_seeker(net, layer)
@@ -496,21 +501,18 @@ def _stored_dtype(ckpt: dict) -> torch.dtype:
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path) -> tuple[dict, torch.nn.Module]:
+def load_checkpoint(path, unsafe: bool = False) -> tuple[dict, torch.nn.Module]:
     """``(checkpoint dict, model in float32)`` of an Ultralytics detection checkpoint (``ema``, else ``model``).
 
-    Loaded by Ultralytics' ``torch_safe_load`` (with so-det-ultra's clear error for missing blocks).
+    Read by content whatever the file is called, weights-only unless ``unsafe``
+    (:func:`so_det_ultra.nn.checkpoints.read_checkpoint`): a pickle that would run code is refused.
 
     Raises:
-        ValueError: the checkpoint holds no detection model (a classifier, segmenter, RT-DETR ...).
+        ValueError: the file is no loadable checkpoint, or holds no detection model (a classifier, RT-DETR ...).
     """
     from ultralytics.nn.modules import Detect
-    from ultralytics.nn.tasks import torch_safe_load
 
-    ckpt, _ = torch_safe_load(str(path))
-    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"{path} holds no model (expected an Ultralytics checkpoint with 'model' or 'ema')")
+    ckpt, model = read_checkpoint(Path(path), unsafe=unsafe)
     head = model.model[-1]
     if not isinstance(head, Detect) or type(head).__name__ in ("Segment", "Pose", "OBB", "YOLOEDetect"):
         raise ValueError(
@@ -521,10 +523,10 @@ def load_checkpoint(path) -> tuple[dict, torch.nn.Module]:
 
 
 def write_checkpoint(ckpt: dict, model, out, info: dict) -> Path:
-    """Write ``model`` into a copy of checkpoint dict ``ckpt`` at ``out`` (a temporary file in the same folder, then
-    renamed), as Ultralytics writes a finished training's checkpoint: the model in the stored dtype in place of the
-    input's ``model``/``ema``, no optimizer state, ``epoch`` -1, ``date`` and ``version`` (Ultralytics') stamped, the
-    package version in the model YAML, and ``fit_seeker`` holding ``info``."""
+    """Write ``model`` into a copy of checkpoint dict ``ckpt`` at ``out`` (an exclusive temporary file in the same
+    folder, then renamed), as Ultralytics writes a finished training's checkpoint: the model in the stored dtype in
+    place of the input's ``model``/``ema``, no optimizer state, ``epoch`` -1, ``date`` and ``version``
+    (Ultralytics') stamped, the package version in the model YAML, and ``fit_seeker`` holding ``info``."""
     import ultralytics
 
     out = Path(out)
@@ -542,11 +544,7 @@ def write_checkpoint(ckpt: dict, model, out, info: dict) -> Path:
         version=ultralytics.__version__,
         fit_seeker=info,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(new, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    torch.save(new, buffer)
+    atomic_write_bytes(out, buffer.getvalue())  # complete or not at all; a link at ``out`` is replaced, not followed
     return out
