@@ -146,8 +146,7 @@ def test_sparse_export_openvino_matches_pytorch_sparse(ckpt):
     assert {"stem.xml", "rest.xml", "metadata.json"} <= {p.name for p in folder.iterdir()}
     ref, (got,) = predict(ckpt, "sparse", {"conf": CONF}, folder)
     assert [r[3] for r in ref] == [g[3] for g in got], "same heatmap, same patches"
-    # OpenVINO's FP32 CPU kernels differ from PyTorch by up to ~1.1e-3 in score here, enough to flip a few NMS choices
-    assert_same(ref, got, score_tol=2e-3, nms_flips=0.03)
+    assert_same(ref, got)  # FP32 weights in the IR (save_model's default FP16 moved scores by up to 3e-2 here)
 
 
 def test_export_refuses_to_overwrite_and_engine_needs_tensorrt(ckpt, tmp_path):
