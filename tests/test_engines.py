@@ -132,6 +132,7 @@ def test_sparse_export_matches_pytorch_sparse(ckpt):
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "rest.onnx", "stem.onnx"]
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["cell"] == 8 and meta["stride"] == 16 and len(meta["names"]) == 10
+    assert meta["defaults"]["max_det_tile"] == 1000 and meta["graphs"] == 2
     ref, (got,) = predict(ckpt, "sparse", {"conf": CONF}, folder)
     assert all(r[3] > 0 for r in ref), "the seeker should pick patches on every frame"
     assert sum(len(r[0]) for r in ref) >= 20, "too few detections for a meaningful comparison"
