@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_highres import SAMPLE, ground_truth, split_frames  # noqa: E402
-from highres_efficiency import oracle_heatmap  # noqa: E402
+from highres_efficiency import CLOCKS, oracle_heatmap  # noqa: E402
 
 # stage -> alternatives, the first whose functions all exist is timed (engine versions differ); a function is
 # (module, attribute), or ("engine", method) on the engine instance
@@ -54,7 +54,7 @@ STAGES = {
 }
 
 
-TIMER = time.perf_counter  # --clock cpu: time.process_time
+TIMER = time.perf_counter  # --clock cpu: the process's CPU time
 
 
 def _timed(fn, clock: dict, stage: str):
@@ -91,13 +91,18 @@ def wrapped(engine, clock: dict):
                 setattr(owner, name, original)
 
 
-def engines(weights: Path, folder: Path, threads: int, workers: int | None) -> dict:
+RUNTIMES = {"PyTorch": None, "ONNX Runtime": "onnx", "OpenVINO": "openvino"}
+
+
+def engines(weights: Path, folder: Path, threads: int, workers: int | None, runtimes) -> dict:
     """runtime name -> sparse engine: the PyTorch model and its ONNX and OpenVINO sparse exports."""
     from so_det_ultra.highres.export import ExportedSparse, export_sparse
     from so_det_ultra.highres.sparse import SparseModel
 
-    out = {"PyTorch": SparseModel(str(weights))}
-    for fmt, name in (("onnx", "ONNX Runtime"), ("openvino", "OpenVINO")):
+    out = {"PyTorch": SparseModel(str(weights))} if "PyTorch" in runtimes else {}
+    for name, fmt in RUNTIMES.items():
+        if fmt is None or name not in runtimes:
+            continue
         path = export_sparse(weights, fmt, folder / fmt)
         kwargs = (
             {"threads": threads} if "threads" in inspect.signature(ExportedSparse).parameters else {}
@@ -120,17 +125,13 @@ def main(argv=None):
     p.add_argument("--max-det", type=int, default=3000)
     p.add_argument("--thr", type=float, default=0.5, help="heatmap threshold with the oracle")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
     p.add_argument("--workers", type=int, help="crops an export runs at once (default: the engine's)")
     p.add_argument("--option", nargs="*", default=[], help="sparse_predict options, e.g. merge_crops=False margin=0")
-    p.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="cpu: the process's CPU time (with --threads 1, what a loaded machine still measures)",
-    )
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="cpu: CPU time (a loaded machine)")
     a = p.parse_args(argv)
     global TIMER
-    TIMER = time.process_time if a.clock == "cpu" else time.perf_counter
+    TIMER = CLOCKS[a.clock]
     torch.set_num_threads(a.threads)
     sample = Path(a.sample)
     held, _ = split_frames(sample)
@@ -142,7 +143,7 @@ def main(argv=None):
     if not a.seeker:
         opts.update(thr=a.thr, heatmap=lambda n, p_, hw, cells: oracle(0, img.shape[:2], hw, cells))
     with tempfile.TemporaryDirectory() as tmp:
-        runtimes = engines(Path(a.weights), Path(tmp), a.threads, a.workers)
+        runtimes = engines(Path(a.weights), Path(tmp), a.threads, a.workers, a.runtimes)
         clocks = {rt: [] for rt in runtimes}
         totals = {rt: [] for rt in runtimes}
         patches = {}
