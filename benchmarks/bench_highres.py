@@ -369,7 +369,7 @@ def main(argv=None):
     b.add_argument("--seeker-thr", type=float, default=0.3, help="heatmap threshold with the model's seeker")
     b.add_argument("--patch-sweep", type=int, nargs="*", default=[16], help="extra oracle runs at these patch sizes")
     b.add_argument("--margin", type=int, help="context cells around each patch (default: sparse_predict's)")
-    b.add_argument("--margin-sweep", type=int, nargs="*", default=[0], help="extra runs at these margins")
+    b.add_argument("--margin-sweep", type=int, nargs="*", default=[2], help="extra runs at these margins")
     b.add_argument("--modes", nargs="*", help="only these sparse modes (and sliced if named); dense always runs")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--clock", choices=tuple(eff.CLOCKS), default="wall", help="cpu: CPU time (a loaded machine)")

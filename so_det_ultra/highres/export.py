@@ -213,7 +213,7 @@ def _to_tensorrt(folder: Path, sm, max_side: int = 4096, max_batch: int = 64):
 
 def _trt_profile(name: str, c: int, sm, max_side: int, max_batch: int) -> tuple:
     """(min, opt, max) shapes of a graph input; opt: a 1080p frame, or 16 crops of 24 x 36 heatmap cells (a 1080p
-    frame's ESOD patch with its margins)."""
+    frame's ESOD patch, 20 x 32, with room for merged crops)."""
     if name == "images":  # 1 x H x W x 3
         return (1, 32, 32, 3), (1, 1088, 1920, 3), (1, max_side, max_side, 3)
     if name == "origin":

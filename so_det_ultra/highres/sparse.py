@@ -22,8 +22,8 @@ A heatmap can also be given (``heatmap=``), e.g. an oracle drawn from ground tru
 With ``sparse_head=True`` the Detect layer runs only at the heatmap centres dilated by ``head_dilate`` cells
 (:mod:`.sparse_head`, exact at those cells); by default it runs on every cell of each patch.
 
-Interpretations: a crop may include a ``margin`` of context around its core (the paper crops patches without one;
-``margin=0`` is that reading); merged and bucketed runs (ours) change only the context a core's predictions see
+Interpretations: a crop may include a ``margin`` of context around its core (the paper crops patches without one:
+``margin=0``, the default); merged and bucketed runs (ours) change only the context a core's predictions see
 beyond its margin; the sparse head's cells are the 3x3 local maxima >= ``thr`` (official 0.3) dilated by
 ``head_dilate`` cells (official 1: a 3x3 dilation, ``models/yolo.py`` ``Detect.get_indices``).
 """
@@ -435,7 +435,7 @@ def sparse_predict(
     imgsz=None,
     thr: float | None = None,
     patch: int | None = None,
-    margin: int = 2,
+    margin: int = 0,
     conf: float = 0.25,
     iou: float = 0.7,
     max_det: int = 10000,
@@ -460,7 +460,8 @@ def sparse_predict(
         patch (int | tuple, optional): Patch core size in heatmap cells (``SparseModel.cell`` px, 8 for
             so-det-esod), square or (h, w); None = ESOD's w/8 x h/8 cells
             (:func:`~so_det_ultra.highres.patches.official_patch`).
-        margin (int): Context cells added around each core in the crop the network sees.
+        margin (int): Context cells added around each core in the crop the network sees; 0 is the paper's plain
+            crop (recall measured the same with 2 cells, 13 % slower: docs/highres.md).
         conf, iou: NMS settings, as in ``YOLO.predict``.
         max_det (int): Detections kept per image (high: crowded drone frames hold 1000+ objects).
         max_det_tile (int, optional): Detections kept per network run (a patch, or merged patches), after an NMS
