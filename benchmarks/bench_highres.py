@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import cv2
@@ -186,6 +185,7 @@ def bench(a):
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    eff.clock = eff.CLOCKS[a.clock]
     sample = Path(a.sample)
     held, _ = split_frames(sample)
     sizes = {p: cv2.imread(str(p)).shape[:2] for p in held}
@@ -196,7 +196,7 @@ def bench(a):
     gts = [ground_truth(p.stem, sample, im.shape[1], im.shape[0]) for p, im in zip(frames, images)]
     print(
         f"model {a.weights or a.model}: {sum(p.numel() for p in model.parameters()):,} params; "
-        f"{len(frames)} frames {sorted({im.shape[:2] for im in images})}; torch threads {a.threads}"
+        f"{len(frames)} frames {sorted({im.shape[:2] for im in images})}; torch threads {a.threads}, {a.clock} clock"
     )
 
     sparse_modes = {  # learned seeker first (the goal is stated for it), then the oracle heatmap
@@ -207,8 +207,10 @@ def bench(a):
         "sparse-oracle+head": dict(oracle=True, sparse_head=True),
     }
     sparse_modes.update({f"sparse-oracle p{k}": dict(oracle=True, patch=k) for k in a.patch_sweep})
-    sparse_modes["sparse-oracle margin 0"] = dict(oracle=True, margin=0)
-    sparse_modes["sparse-oracle merge"] = dict(oracle=True, merge_crops=True)
+    for m in a.margin_sweep:  # recall and speed against the margin, with both heatmaps
+        sparse_modes[f"sparse-oracle margin {m}"] = dict(oracle=True, margin=m)
+        sparse_modes[f"sparse-seeker margin {m}"] = dict(oracle=False, margin=m)
+    sparse_modes["sparse-oracle no-merge"] = dict(oracle=True, merge_crops=False)
     if a.modes:
         sparse_modes = {k: v for k, v in sparse_modes.items() if k in a.modes}
     modes = ("dense", *sparse_modes, *(("sliced",) if not a.modes or "sliced" in a.modes else ()))
@@ -233,7 +235,8 @@ def bench(a):
             heat, thr = (lambda k, path, hw, cells: oracle(n, img.shape[:2], hw, cells)), a.thr
         else:
             heat, thr = None, a.seeker_thr
-        opt.setdefault("margin", a.margin)
+        if a.margin is not None:
+            opt.setdefault("margin", a.margin)
         res = sparse_predict(sm, img, heatmap=heat, conf=a.conf, thr=thr, max_det=a.max_det, **opt)[0]
         return res, len(res.patches)
 
@@ -250,7 +253,7 @@ def bench(a):
                 x_hw = common.letterbox(img, None, sm.stride).shape[2:]
                 c, t = coverage(res.patches, gts[n][0], *letterbox_geometry(*img.shape[:2], x_hw), sm.cell)
                 r["cov"], r["covn"] = r["cov"] + c, r["covn"] + t
-                cover[mode].append(eff.covered(res.patches, (x_hw[0] // sm.cell, x_hw[1] // sm.cell)))
+                cover[mode].append(eff.covered(res.patches, (x_hw[0] // sm.cell, x_hw[1] // sm.cell), res.runs))
                 if res.patches:  # the crop shape the engine runs, for the rest's cost at patch scale
                     shapes.setdefault(
                         n,
@@ -262,9 +265,9 @@ def bench(a):
     for _ in range(a.rounds):  # timed rounds, modes interleaved per frame
         for n, img in enumerate(images):
             for mode in modes:
-                t0 = time.perf_counter()
+                t0 = eff.clock()
                 res, _ = run(mode, n, img)
-                rows[mode]["ms"].append((time.perf_counter() - t0) * 1000)
+                rows[mode]["ms"].append((eff.clock() - t0) * 1000)
                 rows[mode]["parts"].append(getattr(res, "speed", {}))
             parts.append(eff.time_parts(sm, img, a.conf, a.max_det, shapes.get(n)))
     rec = report(rows, a)
@@ -353,7 +356,8 @@ def compare(a):
             return common.to_results(det, img, str(frames[n]), r["sm"].names, tuple(x.shape[2:]))
         heat = (lambda k, path, hw, cells: r["oracle"](n, img.shape[:2], hw, cells)) if mode == "oracle" else None
         thr = a.thr if mode == "oracle" else None
-        return sparse_predict(r["sm"], img, heatmap=heat, thr=thr, conf=a.conf, max_det=a.max_det, margin=a.margin)[0]
+        margin = {} if a.margin is None else {"margin": a.margin}
+        return sparse_predict(r["sm"], img, heatmap=heat, thr=thr, conf=a.conf, max_det=a.max_det, **margin)[0]
 
     from ultralytics.utils.nms import non_max_suppression
 
@@ -361,11 +365,11 @@ def compare(a):
         for n, img in enumerate(images):
             for r in runs:
                 for mode in ("dense", "learned", "oracle"):
-                    t0 = time.perf_counter()
+                    t0 = eff.clock()
                     res = one(r, mode, n, img)
                     st = stats[r["label"], mode]
                     if rnd:
-                        st["ms"].append((time.perf_counter() - t0) * 1000)
+                        st["ms"].append((eff.clock() - t0) * 1000)
                         continue
                     f, t = recall(res.boxes.xyxy.numpy(), gts[n][0])
                     st["found"], st["total"] = st["found"] + f, st["total"] + t
@@ -443,10 +447,10 @@ def head(a):
         for name, fn in runs:
             with torch.no_grad():
                 fn()
-                t0 = time.perf_counter()
+                t0 = eff.clock()
                 for _ in range(a.rounds):
                     fn()
-            ms[name] = (time.perf_counter() - t0) / a.rounds * 1000
+            ms[name] = (eff.clock() - t0) / a.rounds * 1000
         print(
             f"| {100 * m8.float().mean():.0f} % | {ms['dense']:.0f} | {ms['sparse']:.0f} | "
             f"{ms['dense'] / ms['sparse']:.2f}x |"
@@ -522,8 +526,10 @@ def main(argv=None):
         help="heatmap threshold with the model's seeker (default: its stored one)",
     )
     b.add_argument("--patch-sweep", type=int, nargs="*", default=[16], help="extra oracle runs at these patch sizes")
-    b.add_argument("--margin", type=int, default=2)
+    b.add_argument("--margin", type=int, help="context cells around each patch (default: sparse_predict's)")
+    b.add_argument("--margin-sweep", type=int, nargs="*", default=[2], help="extra runs at these margins")
     b.add_argument("--modes", nargs="*", help="only these sparse modes (and sliced if named); dense always runs")
+    b.add_argument("--clock", choices=tuple(eff.CLOCKS), default="wall", help="cpu: CPU time (a loaded machine)")
     h = sub.choices["head"]
     h.add_argument("--rounds", type=int, default=5)
     f = sub.choices["fit"]
@@ -546,7 +552,7 @@ def main(argv=None):
     c.add_argument("--conf", type=float, default=0.01)
     c.add_argument("--max-det", type=int, default=5000, help="high, so the cap does not decide recall")
     c.add_argument("--thr", type=float, default=0.5, help="heatmap threshold with the oracle heatmap")
-    c.add_argument("--margin", type=int, default=2)
+    c.add_argument("--margin", type=int, help="context cells around each patch (default: sparse_predict's)")
     c.add_argument("--dense-with-seeker", action="store_true", help="time a fitted model's dense pass with its seeker")
     a = p.parse_args(argv)
     {"train": train, "bench": bench, "head": head, "fit": fit, "compare": compare}[a.step](a)

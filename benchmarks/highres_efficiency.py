@@ -15,8 +15,9 @@ area: so-det's C2PSA attends over all cells of its input, so the whole frame cos
 linear estimate, covered x whole-frame rest, is printed beside it). Efficiency = measured speed-up (dense / sparse,
 end to end) / ideal: what patch selection, cropping, batching, crop overlap and merging cost on top.
 
-The sum of the crops' areas over the frame's is reported beside it, before and after the engine merges overlapping
-crops: where it exceeds the covered fraction, neighbouring crops overlap and their shared parts are computed twice.
+The sum of the crops' areas over the frame's is reported beside it, one crop per patch and as the engine ran them
+(overlapping crops merged, rounded up to bucket shapes): where it exceeds the covered fraction, neighbouring crops
+overlap and their shared parts are computed twice.
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ import time
 import numpy as np
 import torch
 
+# what the benchmarks time with: wall time, or (--clock cpu) the process's CPU time, which a loaded machine still
+# measures with 1 thread (CPU time counts the work, not the waiting; with several threads it also counts their spinning)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
 
-def covered(patches, cells_hw) -> tuple[float, float, float]:
-    """(union, sum, sum after merging) of the patches' crops as shares of the ``cells_hw`` heatmap cells; the last
-    is what the engine runs (:func:`so_det_ultra.highres.sparse.merge_crops`)."""
+
+def covered(patches, cells_hw, runs=None) -> tuple[float, float, float]:
+    """(union, sum, what the engine ran) of the patches' crops as shares of the ``cells_hw`` heatmap cells; the last
+    is the sum of ``runs``' crops (a result's ``runs``: merged, in bucket shapes; :func:`~so_det_ultra.highres.sparse.
+    plan_runs`), by default the patches merged without buckets (:func:`so_det_ultra.highres.sparse.merge_crops`)."""
     from so_det_ultra.highres.sparse import merge_crops
 
     h, w = cells_hw
@@ -42,7 +49,8 @@ def covered(patches, cells_hw) -> tuple[float, float, float]:
     def area(crops):
         return sum((c[2] - c[0]) * (c[3] - c[1]) for c in crops) / (h * w)
 
-    return float(mask.float().mean()), area(p.crop for p in patches), area(r.crop for r in merge_crops(patches))
+    runs = merge_crops(patches) if runs is None else runs
+    return float(mask.float().mean()), area(p.crop for p in patches), area(r.crop for r in runs)
 
 
 @torch.no_grad()
@@ -54,15 +62,15 @@ def time_parts(sm, img, conf: float, max_det: int, crop_hw=None, batch: int = 16
 
     from so_det_ultra.highres import common
 
-    t0 = time.perf_counter()
+    t0 = clock()
     x = common.letterbox(img, None, sm.stride)
-    t1 = time.perf_counter()
+    t1 = clock()
     stem_out, _ = sm.run_stem(x)
-    t2 = time.perf_counter()
+    t2 = clock()
     raw = sm.run_rest(stem_out)
-    t3 = time.perf_counter()
+    t3 = clock()
     non_max_suppression(raw, conf, 0.7, max_det=max_det, max_time_img=60)
-    t4 = time.perf_counter()
+    t4 = clock()
     out = {"fixed": (t1 - t0 + t4 - t3) * 1000, "stem": (t2 - t1) * 1000, "rest": (t3 - t2) * 1000}
     out["rest_tiled"] = _rest_tiled(sm, stem_out, x.shape[2] // sm.cell, x.shape[3] // sm.cell, crop_hw, batch)
     return out
@@ -80,9 +88,9 @@ def _rest_tiled(sm, stem_out: dict, h: int, w: int, crop_hw, batch: int) -> floa
             for j, t in stem_out.items()
             for f in (sm.factor[j],)
         }
-        t0 = time.perf_counter()
+        t0 = clock()
         sm.run_rest(crops)
-        ms += (time.perf_counter() - t0) * 1000
+        ms += (clock() - t0) * 1000
     return ms * (h * w) / (len(corners) * ch * cw)
 
 
@@ -123,7 +131,7 @@ def summarise(rows: dict, parts: list, cover: dict, sets: dict) -> dict:
 
 def print_table(summary: dict) -> None:
     print(
-        "\n| frames | heatmap | dense ms | fixed / stem / rest / rest at patch scale ms | covered | crops / merged | "
+        "\n| frames | heatmap | dense ms | fixed / stem / rest / rest at patch scale ms | covered | crops / run | "
         "ideal (linear in area) | ideal | measured | efficiency |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for (name, mode), s in summary.items():

@@ -249,6 +249,35 @@ def test_sparse_predict_maps_boxes_into_the_original_image(local_model):
     assert torch.equal(res[0].boxes.data, res[1].boxes.data)
 
 
+def test_sparse_default_caps_keep_a_crowded_frame_and_max_det_tile_caps_each_run(local_model):
+    """More than 1000 boxes survive NMS here (an untrained model, conf 0): the default caps keep them all (the
+    per-frame cap was 1000); ``max_det_tile`` keeps at most that many from each network run."""
+    img = (np.random.default_rng(0).random((300, 500, 3)) * 255).astype(np.uint8)
+    full = lambda n, path, hw, cells: torch.ones(cells)  # noqa: E731
+    opts = dict(heatmap=full, conf=0.0, iou=0.7, patch=12, margin=0)
+    (uncapped,) = sparse_predict(local_model, img, max_det=10**6, max_det_tile=None, **opts)
+    (default,) = sparse_predict(local_model, img, **opts)
+    assert len(uncapped.boxes) > 1000 and torch.equal(default.boxes.data, uncapped.boxes.data)
+    (capped,) = sparse_predict(local_model, img, max_det_tile=3, **opts)
+    assert len(capped.runs) > 1 and 0 < len(capped.boxes) <= 3 * len(capped.runs)
+
+
+def test_merged_and_bucketed_runs_give_the_dense_predictions_in_every_core(local_model):
+    """Merging overlapping crops and growing them to bucket sizes adds context only beyond the margin: with a margin
+    that holds the model's receptive field, every prediction centred in a core stays the dense model's."""
+    from so_det_ultra.highres.sparse import plan_runs, run_frame
+
+    sm = SparseModel(local_model)
+    x = torch.rand(1, 3, 320, 480)
+    stem, _ = sm.run_stem(x)
+    heat = blob((40, 60), 12, 15) + blob((40, 60), 14, 27) + blob((40, 60), 33, 52)
+    patches = make_patches(select_patches(heat, 0.5, 10, 2, prune=False), heat.shape, 10, margin=8, align=2)
+    runs = plan_runs(patches, heat.shape, merge=True, bucket=4)
+    assert len(runs) < len(patches) and any((r.crop[3] - r.crop[1]) % 4 == 0 for r in runs if len(r.cores) > 1)
+    raw, _ = run_frame(sm, stem, runs)
+    assert_equals_dense_in_cores(raw[..., raw[0, 4:].amax(0) > 0][0].T, sm, x, patches)
+
+
 def test_a_stored_seeker_threshold_is_the_default_and_thr_overrides_it(local_model):
     """The threshold stored on the ObjectSeeker (``so-det fit-seeker`` writes it) is what sparse inference uses when
     none is given; an explicit ``thr`` wins. Without one stored, ESOD's 0.3."""

@@ -75,7 +75,7 @@ def test_checkpoints_are_loaded_by_content_whatever_their_name(ckpts, tmp_path, 
             open_predictor(renamed, mode, device="cpu")
     rc, err = so_det(capsys, "export", "--sparse", "--model", renamed, "--out", tmp_path / "exp")
     assert rc == 2 and "safe loading refused it" in err
-    rc, err = so_det(capsys, "fit-seeker", "--model", renamed, "--data", tmp_path / "data.yaml", "--out", tmp_path / "f")
+    rc, err = so_det(capsys, "fit-seeker", "--model", renamed, "--data", tmp_path / "d.yaml", "--out", tmp_path / "f")
     assert rc == 2 and "safe loading refused it" in err and not (tmp_path / "f").exists()
     assert not marker.exists(), "the checkpoint's code ran"
 

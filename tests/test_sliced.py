@@ -121,6 +121,44 @@ def frame_with_square(x0, y0, x1, y1, h=1000, w=1500):
     return img
 
 
+class BrightCells(BrightBlock):
+    """Stub detector: one class-0 box (score 0.9) for every 8x8 cell of the input holding a white pixel."""
+
+    def forward(self, x):
+        self.batches.append(tuple(x.shape))
+        on = torch.nn.functional.max_pool2d((x.amin(1, keepdim=True) > 0.9).float(), 8)[:, 0]  # (B, H/8, W/8)
+        ys, xs = torch.meshgrid(torch.arange(on.shape[1]), torch.arange(on.shape[2]), indexing="ij")
+        cells = torch.stack([xs * 8 + 4, ys * 8 + 4, torch.full_like(xs, 8), torch.full_like(xs, 8)]).flatten(1)
+        y = torch.cat([cells.float()[None].expand(len(x), -1, -1), 0.9 * on.flatten(1)[:, None]], 1)
+        return y, None
+
+
+def crowd(h=1080, w=1920, step=24, n=1500):
+    """A frame with ``n`` white 4 x 4 squares on a ``step``-px grid, one per 8 x 8 cell: ``n`` objects."""
+    img = np.zeros((h, w, 3), np.uint8)
+    spots = [(y, x) for y in range(8, h - 8, step) for x in range(8, w - 8, step)][:n]
+    for y, x in spots:
+        img[y : y + 4, x : x + 4] = 255
+    return img, len(spots)
+
+
+def test_default_caps_keep_every_object_of_a_crowded_frame():
+    """1500 objects on a 1080p frame: the default per-frame cap keeps them all (it was 1000, per tile and per frame)."""
+    img, n = crowd()
+    (res,) = sliced_predict(BrightCells(), img, full_frame=False)
+    assert n == 1500 and len(res.boxes) == n
+
+
+def test_the_tile_cap_applies_per_tile_and_the_frame_cap_per_frame():
+    img, n = crowd()
+    (res,) = sliced_predict(BrightCells(), img, full_frame=False, max_det_tile=5)
+    assert 0 < len(res.boxes) <= 5 * res.n_tiles < n, "at most 5 boxes from each tile"
+    (res,) = sliced_predict(BrightCells(), img, full_frame=False, max_det_tile=None, max_det=50)
+    assert len(res.boxes) == 50
+    (res,) = sliced_predict(BrightCells(), img, full_frame=False, max_det_tile=400, max_det=n)
+    assert 400 < len(res.boxes) < n, "each tile keeps 400 of its objects; the frame keeps what the tiles kept"
+
+
 @pytest.mark.parametrize("how", ["nms", "nmm"])
 @pytest.mark.parametrize("full_frame", [False, True])
 def test_square_in_tile_overlap_reported_once_at_its_place(full_frame, how):
@@ -237,3 +275,14 @@ def test_predict_cli_takes_its_defaults_from_the_predictors(capsys):
     text = " ".join(capsys.readouterr().out.split())
     sliced_iou, sparse_iou = defaults(sliced_predict)["iou"], defaults(sparse_predict)["iou"]
     assert sliced_iou == 0.5 and f"NMS IoU (default: sparse {sparse_iou}, sliced {sliced_iou}, dense 0.7)" in text
+
+
+def test_max_det_tile_is_a_predict_option_of_sliced_and_sparse():
+    from so_det_ultra.cli import build_parser
+    from so_det_ultra.cliargs import kwargs_for
+    from so_det_ultra.highres.dense import dense_predict
+    from so_det_ultra.highres.sparse import sparse_predict
+
+    a = build_parser().parse_args(["predict", "--model", "m.pt", "--source", "a.jpg", "--max-det-tile", "300"])
+    assert kwargs_for(sliced_predict, a)["max_det_tile"] == kwargs_for(sparse_predict, a)["max_det_tile"] == 300
+    assert "max_det_tile" not in kwargs_for(dense_predict, a)

@@ -72,6 +72,13 @@ def add_parser(sub) -> None:
     option(p, "--conf", type=float, help="confidence threshold", defaults_from=MODES)
     option(p, "--iou", type=float, help="NMS IoU", defaults_from=MODES)
     option(p, "--max-det", type=int, help="detections kept per image", defaults_from=MODES)
+    option(
+        p,
+        "--max-det-tile",
+        type=int,
+        help="sliced, sparse: detections kept per tile or patch run, before merging (SAHI caps each tile)",
+        defaults_from={"sparse": _sparse, "sliced": _sliced},
+    )
     p.add_argument(
         "--device", default=argparse.SUPPRESS, help="torch device (default: cuda:0 when available, else cpu)"
     )

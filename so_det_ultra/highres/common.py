@@ -109,18 +109,23 @@ def read_images(source) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def letterbox(img: np.ndarray, imgsz: int | None, stride: int, device="cpu") -> torch.Tensor:
+def letterbox_image(img: np.ndarray, imgsz: int | None, stride: int) -> np.ndarray:
     """Resize the long side to ``imgsz`` (None: keep the native size) and pad each side to a multiple of ``stride``.
 
     This is the minimal rectangular letterbox Ultralytics' predictor uses (``LetterBox(auto=True)``), so dense
-    predictions and ours see the same input. Returns a (1, 3, H, W) float tensor in [0, 1], RGB.
+    predictions and ours see the same input. Returns the padded uint8 BGR image (H, W, 3).
     """
     from ultralytics.data.augment import LetterBox
 
     h, w = img.shape[:2]
     size = max(h, w) if imgsz is None else int(imgsz)
     size = int(np.ceil(size / stride) * stride)
-    lb = LetterBox(new_shape=(size, size), auto=True, stride=stride)(image=img)
+    return LetterBox(new_shape=(size, size), auto=True, stride=stride)(image=img)
+
+
+def letterbox(img: np.ndarray, imgsz: int | None, stride: int, device="cpu") -> torch.Tensor:
+    """:func:`letterbox_image` as the network input: a (1, 3, H, W) float tensor in [0, 1], RGB."""
+    lb = letterbox_image(img, imgsz, stride)
     x = torch.from_numpy(np.ascontiguousarray(lb[..., ::-1].transpose(2, 0, 1))).to(device)
     return x.float().div_(255).unsqueeze(0)
 

@@ -11,7 +11,7 @@ from so_det_ultra.highres.common import read_images
 
 
 def dense_predict(
-    model, source, *, imgsz=None, conf: float = 0.25, iou: float = 0.7, max_det: int = 1000, device="cpu"
+    model, source, *, imgsz=None, conf: float = 0.25, iou: float = 0.7, max_det: int = 10000, device="cpu"
 ) -> list:
     """``YOLO.predict`` on each image of ``source`` at ``imgsz`` (None: the image's own long side).
 
@@ -21,7 +21,7 @@ def dense_predict(
         imgsz (int, optional): Long side of the network input; None keeps each image's resolution.
         conf (float): Confidence threshold.
         iou (float): NMS IoU threshold (Ultralytics' default).
-        max_det (int): Maximum detections per image.
+        max_det (int): Maximum detections per image (high: crowded drone frames hold 1000+ objects).
         device: Torch device.
 
     Returns:

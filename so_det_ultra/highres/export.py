@@ -3,10 +3,13 @@
 ``so-det export --sparse --model best.pt --format onnx|openvino|engine`` writes ``<ckpt dir>/<stem>_sparse_<format>/``
 (next to the checkpoint, as Ultralytics' own exports are):
 
-- ``stem.onnx``: the layers up to the ObjectSeeker on the full letterboxed frame (``images``: 1 x 3 x H x W, H and W
-  dynamic); outputs ``layer<j>``, the stem outputs the later layers read, and the seeker's logits;
-- ``rest.onnx``: the remaining layers on a batch of patch crops (inputs ``layer<j>``: B x C x h x w, all dynamic),
-  output ``output0``: B x (4 + nc) x A decoded Detect predictions in crop pixels, as Ultralytics' ONNX export gives;
+- ``stem.onnx``: the layers up to the ObjectSeeker on the full letterboxed frame, taken as it is letterboxed
+  (``images``: 1 x H x W x 3 uint8 BGR, H and W dynamic; the conversion to the float RGB input is in the graph);
+  outputs ``layer<j>``, the stem outputs the later layers read, and ``heatmap``, the sigmoid of the seeker's logits;
+- ``rest.onnx``: the remaining layers on a batch of patch crops (inputs ``layer<j>``: B x C x h x w, all dynamic; and
+  per crop ``origin`` B x 2, its top-left x, y in frame pixels, and ``keep`` B x 1 x h x w, 1 on the heatmap cells
+  whose predictions it answers for), output ``output0``: B x (4 + nc) x A decoded Detect predictions, xywh in frame
+  pixels, the scores of boxes centred outside ``keep`` set to 0 (:func:`~so_det_ultra.highres.sparse.to_frame`);
 - ``metadata.json``: class names, strides, the seeker's cell, crop factors, default thresholds, versions.
 
 OpenVINO adds ``stem.xml/.bin`` and ``rest.xml/.bin`` converted from the ONNX graphs. ``engine`` keeps the ONNX graphs
@@ -33,6 +36,7 @@ from pathlib import Path
 FORMATS = ("onnx", "openvino", "engine")
 META = "metadata.json"
 OPSET = 17
+GRAPHS = 2  # the graphs' interface: 2 = uint8 frame in, heatmap out; crops with origin and keep in, frame pixels out
 
 
 class ExportError(ValueError):
@@ -86,17 +90,16 @@ def _write(owner, folder: Path, sm, format: str) -> None:
     from so_det_ultra.data import _io
 
     graphs = {name: owner.temp_for(folder / f"{name}.onnx") for name in ("stem", "rest")}
-    stem_ids = sorted(sm.needed | {sm.k})
-    rest_ids = sorted(sm.needed)
+    stem_ids = rest_ids = sorted(sm.needed)
     head = sm.rest[-1]
     flags = head.export, head.format, head.dynamic
     try:
         with torch.no_grad():
             crops = _rest_example(sm, rest_ids)
-            stem_out = [f"layer{j}" for j in stem_ids]
+            stem_out = [f"layer{j}" for j in stem_ids] + ["heatmap"]
             with _io.naming(folder / "stem.onnx"):
                 _export_onnx(_stem_module(sm, stem_ids), _stem_example(sm), graphs["stem"], ["images"], stem_out)
-            rest_in = [f"layer{j}" for j in rest_ids]
+            rest_in = [f"layer{j}" for j in rest_ids] + ["origin", "keep"]
             with _io.naming(folder / "rest.onnx"):
                 _export_onnx(_rest_module(sm, rest_ids), crops, graphs["rest"], rest_in, ["output0"])
     finally:
@@ -126,23 +129,25 @@ def _default_folder(model, format: str) -> Path:
 
 
 def _stem_module(sm, ids):
-    """The stem as a module: the full frame in, the stem outputs ``ids`` out (the last stem layer is the seeker)."""
+    """The stem as a module: the letterboxed uint8 BGR frame in, the stem outputs ``ids`` and the heatmap out."""
     import torch
 
     class Stem(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.layers = torch.nn.ModuleList(sm.stem)
+            self.image_layer = sm._image_layer  # the first layer on uint8 values (sparse.image_layer), or None
 
-        def forward(self, x):
-            y = sm.stem_outputs(x)
-            return tuple(y[j] for j in ids)
+        def forward(self, image):
+            y = sm.image_stem_outputs(image)
+            return (*(y[j] for j in ids), y[-1].sigmoid())
 
     return Stem().eval()
 
 
 def _rest_module(sm, ids):
-    """The layers after the seeker as a module: one crop batch per stem output in ``ids`` in, decoded Detect out."""
+    """The layers after the seeker as a module: one crop batch per stem output in ``ids``, the crops' origins and
+    keep masks in; decoded Detect predictions in frame pixels out (:func:`~so_det_ultra.highres.sparse.to_frame`)."""
     import torch
 
     class Rest(torch.nn.Module):
@@ -150,8 +155,9 @@ def _rest_module(sm, ids):
             super().__init__()
             self.layers = torch.nn.ModuleList(sm.rest)
 
-        def forward(self, *crops):
-            return sm.run_rest(dict(zip(ids, crops)))
+        def forward(self, *inputs):
+            *crops, origin, keep = inputs
+            return sm.run_rest(dict(zip(ids, crops)), origin, keep)
 
     head = sm.rest[-1]
     head.export, head.format, head.dynamic = True, "onnx", True  # decoded output alone; anchors follow the shape
@@ -162,26 +168,31 @@ def _stem_example(sm):
     import torch
 
     size = 4 * sm.stride
-    return (torch.rand(1, 3, size, 2 * size),)
+    return (torch.randint(0, 256, (1, size, 2 * size, 3), dtype=torch.uint8),)
 
 
 def _rest_example(sm, ids):
     import torch
 
-    ch = 3
     cells = 4 * sm.align
-    x = torch.rand(1, ch, cells * sm.cell, cells * sm.cell)
-    y = sm.stem_outputs(x)
-    return tuple(torch.cat([y[j]] * 2) for j in ids)  # batch 2, so the batch axis is traced as a variable
+    y = sm.stem_outputs(torch.rand(1, 3, cells * sm.cell, (cells + sm.align) * sm.cell))
+    crops = tuple(torch.cat([y[j]] * 2) for j in ids)  # batch 2, so the batch axis is traced as a variable
+    keep = torch.zeros(2, 1, cells, cells + sm.align)
+    keep[:, :, 1:-1, 1:-1] = 1
+    return (*crops, torch.tensor([[0.0, 0.0], [64.0, 32.0]]), keep)
+
+
+# the dynamic axes of each input and output (every one but the channels: what TensorRT's parser takes)
+_AXES = {"images": {1: "images_h", 2: "images_w"}, "origin": {0: "batch"}, "output0": {0: "batch", 2: "anchors"}}
 
 
 def _export_onnx(module, args, path: Path, inputs: list[str], outputs: list[str]):
-    """TorchScript-traced ONNX export with every axis but the channels dynamic (what TensorRT's parser takes)."""
+    """TorchScript-traced ONNX export with every axis but the channels dynamic, simplified by onnxslim when it is
+    installed (as Ultralytics' own ONNX export: the shape arithmetic of the dynamic axes halves, about 0.5 ms less
+    per run of the rest graph on ONNX Runtime)."""
     import torch
 
-    axes = {n: {0: "batch", 2: f"{n}_h", 3: f"{n}_w"} for n in inputs + outputs if n != "output0"}
-    if "output0" in outputs:
-        axes["output0"] = {0: "batch", 2: "anchors"}
+    axes = {n: _AXES.get(n, {0: "batch", 2: f"{n}_h", 3: f"{n}_w"}) for n in inputs + outputs}
     torch.onnx.export(
         module,
         args,
@@ -193,10 +204,18 @@ def _export_onnx(module, args, path: Path, inputs: list[str], outputs: list[str]
         do_constant_folding=True,
         dynamo=False,
     )
+    try:
+        import onnx
+        import onnxslim
+    except ImportError:
+        return
+    onnx.save(onnxslim.slim(str(path)), str(path))
 
 
 def _to_openvino(owner, folder: Path, graphs: dict) -> set:
-    """``stem.xml/.bin`` and ``rest.xml/.bin`` converted from the (temporary) ONNX graphs; the names written."""
+    """``stem.xml/.bin`` and ``rest.xml/.bin`` converted from the (temporary) ONNX graphs, weights kept in FP32
+    (``save_model`` stores FP16 weights by default, which moved the stem's outputs by up to 1e-2 from PyTorch's);
+    the names written."""
     from so_det_ultra.data import _io
 
     try:
@@ -208,7 +227,7 @@ def _to_openvino(owner, folder: Path, graphs: dict) -> set:
         owner.claim(folder / f"{name}.bin")
         weights = owner.adopt(xml.with_suffix(".bin"))  # OpenVINO writes the weights beside the XML
         with _io.naming(folder / f"{name}.xml"):
-            ov.save_model(ov.convert_model(str(onnx)), str(xml))
+            ov.save_model(ov.convert_model(str(onnx)), str(xml), compress_to_fp16=False)
         owner.install(xml, folder / f"{name}.xml")
         owner.install(weights, folder / f"{name}.bin")
     return {f"{name}.{ext}" for name in graphs for ext in ("xml", "bin")}
@@ -239,19 +258,25 @@ def _to_tensorrt(owner, folder: Path, graphs: dict, sm, max_side: int = 4096, ma
         config, profile = builder.create_builder_config(), builder.create_optimization_profile()
         for i in range(network.num_inputs):
             t = network.get_input(i)
-            c = t.shape[1]
-            lo, opt, hi = (1, 3, 32, 32), (1, 3, 1088, 1920), (1, 3, max_side, max_side)  # opt: a 1080p frame
-            if name == "rest":  # opt: a batch of 16 crops of 34 heatmap cells (a 240 px patch with its margins)
-                f = sm.factor[int(t.name.removeprefix("layer"))]
-                lo, opt = (1, c, 4 * sm.align * f, 4 * sm.align * f), (16, c, 34 * f, 34 * f)
-                hi = (max_batch, c, max_side // sm.cell * f, max_side // sm.cell * f)
-            profile.set_shape(t.name, lo, opt, hi)
+            profile.set_shape(t.name, *_trt_profile(t.name, t.shape[1], sm, max_side, max_batch))
         config.add_optimization_profile(profile)
         engine = builder.build_serialized_network(network, config)
         if engine is None:
             raise RuntimeError(f"TensorRT could not build {name}.engine (see its log above)")
         owner.write_bytes(folder / f"{name}.engine", bytes(engine))
     return {"stem.engine", "rest.engine"}
+
+
+def _trt_profile(name: str, c: int, sm, max_side: int, max_batch: int) -> tuple:
+    """(min, opt, max) shapes of a graph input; opt: a 1080p frame, or 16 crops of 24 x 36 heatmap cells (a 1080p
+    frame's ESOD patch, 20 x 32, with room for merged crops)."""
+    if name == "images":  # 1 x H x W x 3
+        return (1, 32, 32, 3), (1, 1088, 1920, 3), (1, max_side, max_side, 3)
+    if name == "origin":
+        return (1, 2), (16, 2), (max_batch, 2)
+    f = 1 if name == "keep" else sm.factor[int(name.removeprefix("layer"))]
+    lo, opt = (1, c, 4 * sm.align * f, 4 * sm.align * f), (16, c, 24 * f, 36 * f)
+    return lo, opt, (max_batch, c, max_side // sm.cell * f, max_side // sm.cell * f)
 
 
 def _metadata(sm, format, stem_ids, rest_ids) -> dict:
@@ -261,7 +286,7 @@ def _metadata(sm, format, stem_ids, rest_ids) -> dict:
     defaults = {
         k: v.default
         for k, v in inspect.signature(sparse_predict).parameters.items()
-        if k in ("thr", "patch", "margin", "conf", "iou", "max_det", "prune")
+        if k in ("thr", "patch", "margin", "conf", "iou", "max_det", "max_det_tile", "prune", "merge_crops", "bucket")
     }
     defaults["thr"] = sm.threshold  # the seeker's stored threshold (so-det fit-seeker), else ESOD's default
     return {
@@ -274,6 +299,7 @@ def _metadata(sm, format, stem_ids, rest_ids) -> dict:
         "seeker": sm.k,
         "stem_outputs": stem_ids,
         "rest_inputs": rest_ids,
+        "graphs": GRAPHS,
         "defaults": defaults,
         "opset": OPSET,
         "so_det_ultra": __version__,
@@ -331,8 +357,8 @@ def _metadata_problem(meta) -> str | None:
     for key in ("stem_outputs", "rest_inputs"):
         if not isinstance(meta.get(key), list) or not all(index(j) for j in meta[key]):
             return f"{key!r} must be a list of layer indices"
-    if not index(meta.get("seeker")) or meta["seeker"] not in meta["stem_outputs"]:
-        return "'seeker' must be one of 'stem_outputs'"
+    if not index(meta.get("seeker")):
+        return "'seeker' must be a layer index"
     if not set(meta["rest_inputs"]) <= set(meta["stem_outputs"]) or not all(
         str(j) in factor for j in meta["rest_inputs"]
     ):
@@ -349,17 +375,24 @@ class ExportedSparse:
     """A sparse export folder run by ONNX Runtime (``.onnx``) or OpenVINO (``.xml``), shaped like ``SparseModel``.
 
     Attributes (as :class:`~so_det_ultra.highres.sparse.SparseModel`): ``names``, ``stride``, ``cell``, ``align``,
-    ``factor`` (map cells per heatmap cell of each cropped stem output), ``meta`` (the metadata file).
+    ``factor`` (map cells per heatmap cell of each cropped stem output), ``threshold``, ``batch``, ``meta`` (the
+    metadata file).
 
     Args:
         folder: A folder written by :func:`export_sparse`.
         device: ``"cpu"`` or a CUDA device (ONNX Runtime's CUDA provider when installed).
         runtime (str, optional): ``"onnxruntime"`` or ``"openvino"``; default: OpenVINO when the folder holds its
             graphs (an ``openvino`` export), else ONNX Runtime.
+        threads (int, optional): CPU threads of each graph (None: the runtime's default).
+        workers (int): Crops run at once, each on ``threads // workers`` threads (:mod:`.runtimes`); crops run one
+            per call (``batch`` 1), so their shapes recur and each run is small enough for one thread.
     """
 
-    def __init__(self, folder, device="cpu", runtime: str | None = None):
+    batch = 1
+
+    def __init__(self, folder, device="cpu", runtime: str | None = None, threads: int | None = None, workers=2):
         from so_det_ultra.highres.patches import THRESHOLD
+        from so_det_ultra.highres.runtimes import open_graph
 
         folder = Path(folder)
         if not is_sparse_export(folder):
@@ -371,58 +404,48 @@ class ExportedSparse:
         self.seeker, self.rest_inputs = self.meta["seeker"], self.meta["rest_inputs"]
         thr = self.meta.get("defaults", {}).get("thr")
         self.threshold = THRESHOLD if thr is None else thr
+        if self.meta.get("graphs") != GRAPHS:
+            raise ValueError(
+                f"{folder} holds graphs of an earlier so-det-ultra (float frame in, crop pixels out); export it again: "
+                "so-det export --sparse --model <checkpoint> --force"
+            )
         runtime = runtime or ("openvino" if (folder / "stem.xml").is_file() else "onnxruntime")
-        make = {"onnxruntime": _ort_session, "openvino": _ov_session}[runtime]
         self.runtime = runtime
-        self._stem, self._rest = make(folder / "stem", device), make(folder / "rest", device)
+        self._stem = open_graph(folder / "stem", runtime, device, threads)
+        self._rest = open_graph(folder / "rest", runtime, device, threads, workers)
 
-    def run_stem(self, x):
-        """``({layer: (1, C, h, w)}, heatmap)`` from the full letterboxed frame ``x`` (1, 3, H, W) in [0, 1]."""
+    def run_stem(self, image):
+        """``({layer: (1, C, h, w)}, heatmap)`` from the letterboxed uint8 BGR frame ``image`` (H, W, 3)."""
         import torch
 
-        outs = self._stem({"images": x.cpu().numpy()})
-        y = {j: torch.from_numpy(o) for j, o in zip(self.meta["stem_outputs"], outs)}
-        return {j: y[j] for j in self.rest_inputs}, y[self.seeker][0, 0].sigmoid()
+        y = dict(zip(self._stem.outputs, self._stem({"images": image[None]})))
+        return {j: y[f"layer{j}"] for j in self.rest_inputs}, torch.from_numpy(y["heatmap"][0, 0])
 
-    def run_rest(self, crops: dict):
-        """Decoded Detect output (B, 4 + nc, A) in crop pixels for a batch of crops ``{layer: (B, C, h, w)}``."""
+    def run_rest(self, crops: dict, origin=None, keep=None):
+        """As :meth:`SparseModel.run_rest <so_det_ultra.highres.sparse.SparseModel.run_rest>`, on NumPy crops."""
+        import torch
+
+        return torch.from_numpy(self._rest(self._feed(crops, origin, keep))[0])
+
+    def run_rests(self, batches: list) -> list:
+        """:meth:`run_rest` on each ``(crops, origin, keep)`` of ``batches``, ``workers`` at a time."""
+        import torch
+
+        return [torch.from_numpy(o[0]) for o in self._rest.map([self._feed(*b) for b in batches])]
+
+    def _feed(self, crops: dict, origin, keep) -> dict:
         import numpy as np
-        import torch
 
-        feed = {f"layer{j}": np.ascontiguousarray(crops[j].numpy()) for j in self.rest_inputs}
-        return torch.from_numpy(self._rest(feed)[0])
+        feed = {f"layer{j}": np.ascontiguousarray(crops[j]) for j in self.rest_inputs}
+        if origin is None:  # crop pixels: no shift, every cell kept
+            first = crops[self.rest_inputs[0]]
+            f = self.factor[self.rest_inputs[0]]
+            origin = np.zeros((len(first), 2), np.float32)
+            keep = np.ones((len(first), 1, first.shape[2] // f, first.shape[3] // f), np.float32)
+        return {**feed, "origin": np.asarray(origin, np.float32), "keep": np.asarray(keep, np.float32)}
 
     def run_rest_sparse_head(self, crops, masks):
         raise NotImplementedError("the sparse head runs in PyTorch only; use sparse_head=False with an exported model")
-
-
-def _ort_session(stem: Path, device):
-    """``run(feed) -> list of arrays`` of an ONNX Runtime session on ``stem.onnx``."""
-    import onnxruntime as ort
-
-    cuda = "cuda" in str(device) and "CUDAExecutionProvider" in ort.get_available_providers()
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    # two sessions and PyTorch's own ops (cropping, NMS) take turns: threads that spin between runs would take
-    # the cores from the others
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(stem.with_suffix(".onnx")), options, providers=providers)
-    return lambda feed: session.run(None, feed)
-
-
-def _ov_session(stem: Path, device):
-    """``run(feed) -> list of arrays`` of an OpenVINO compiled model on ``stem.xml`` (CPU, FP32: OpenVINO would
-    otherwise run bf16 on CPUs that have it, and the heatmap threshold would pick other patches than PyTorch)."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(stem.with_suffix(".xml")), "CPU", {"EXECUTION_MODE_HINT": "ACCURACY"})
-    request = compiled.create_infer_request()
-
-    def run(feed):
-        res = request.infer(feed)
-        return [res[o].copy() for o in compiled.outputs]
-
-    return run
 
 
 def add_export_parser(sub) -> None:

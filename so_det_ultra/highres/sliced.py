@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import ast
+import sys
 import time
 from pathlib import Path
 
@@ -76,15 +78,16 @@ def sliced_predict(
     merge: str = "nms",
     merge_iou: float = 0.5,
     agnostic: bool = False,
-    max_det: int = 1000,
+    max_det: int = 10000,
+    max_det_tile: int | None = 1000,
     batch: int = 4,
     device="cpu",
 ) -> list:
     """Detect on overlapping tiles of each image (plus, optionally, the whole frame) and merge the detections.
 
     Args:
-        model: A ``.pt`` checkpoint or model YAML path, a ``YOLO``, a ``DetectionModel``, an export that
-            Ultralytics' ``AutoBackend`` loads (``.onnx``, OpenVINO folder, ``.engine``), or a :class:`TileModel`.
+        model: A ``.pt`` checkpoint or model YAML path, a ``YOLO``, a ``DetectionModel``, an Ultralytics export
+            (``.onnx``, OpenVINO folder, ``.engine``, ...), or a :class:`TileModel`.
         source: An image path, folder, BGR array, or a list of those (see ``common.read_images``).
         tile (int): Tile side in pixels; tiles are fed at native resolution.
         overlap (float): Fraction of ``tile`` shared by neighbouring tiles.
@@ -96,7 +99,9 @@ def sliced_predict(
         merge (str): ``"nms"`` or ``"nmm"`` (greedy non-maximum merging), applied across tiles and the full frame.
         merge_iou (float): Overlap threshold of ``merge`` (IoU for NMS, intersection over smaller box for NMM).
         agnostic (bool): Class-agnostic NMS and merging.
-        max_det (int): Maximum detections per pass and per image.
+        max_det (int): Maximum detections per image, after merging (high: crowded drone frames hold 1000+ objects).
+        max_det_tile (int, optional): Maximum detections per pass (each tile and the full frame), after its NMS, as
+            SAHI caps each slice; None: no cap.
         batch (int): Tiles per forward pass (a fixed-batch export runs its own batch size, padded). On a CPU,
             ``batch=1`` can be faster: a batch of 4 640-px tiles ran 1.2-1.9x slower than 4 single passes on a 2-core
             CPU (large activations leave the caches).
@@ -111,7 +116,8 @@ def sliced_predict(
     if merge not in common.MERGERS:
         raise ValueError(f"unknown merge {merge!r}; choose one of {sorted(common.MERGERS)}")
     model = model if isinstance(model, TileModel) else TileModel(model, device)
-    opts = dict(conf=conf, iou=iou, agnostic=agnostic, max_det=max_det, device=device)
+    per_pass = sys.maxsize if max_det_tile is None else max_det_tile
+    opts = dict(conf=conf, iou=iou, agnostic=agnostic, max_det=per_pass, device=device)
     out = []
     for path, img in common.read_images(source):
         speed = dict(preprocess=0.0, inference=0.0, postprocess=0.0)
@@ -130,31 +136,46 @@ def sliced_predict(
 
 
 class TileModel:
-    """A detector fed whole tiles: a PyTorch model (``common.load_model``) or any export ``AutoBackend`` loads; both
-    run through Ultralytics' ``AutoBackend``, so tiles get the same memory layout and backend as ``YOLO.predict``.
+    """A detector fed whole tiles: a PyTorch model (``common.load_model``), an ONNX or OpenVINO export, or any other
+    export Ultralytics' ``AutoBackend`` loads.
 
-    Exports (``.onnx``, an OpenVINO ``*_openvino_model/`` folder, a TensorRT ``.engine``, ...) run through
-    Ultralytics' ``AutoBackend``, which splits or pads a batch to a fixed-batch export's size. An export with a fixed
-    input shape (Ultralytics' default, ``dynamic=False``) gets every tile letterboxed to that shape (square padding
-    instead of the minimal rectangle), so its boxes can differ slightly from the ``.pt``'s near padded borders;
+    - PyTorch models run through ``AutoBackend`` (the memory layout of ``YOLO.predict``); tiles are letterboxed to a
+      multiple of the model's own largest stride (``AutoBackend`` would round it up to 32), the stride its exports
+      record, so the ``.pt`` and its exports see the same inputs.
+    - ``.onnx`` files and OpenVINO folders run through :mod:`.runtimes` with the settings of the exported sparse
+      engine (FP32, ``threads``); whether the input is dynamic, and its fixed shape if not, are read from the graph;
+      names and stride from the export's Ultralytics metadata. A fixed-batch graph is fed its batch (split, the
+      last batch padded).
+    - Other exports (TensorRT ``.engine``, ...) run through ``AutoBackend``; their shape comes from the metadata
+      Ultralytics writes (``args.dynamic``, ``imgsz``).
+
+    A fixed-shape export (Ultralytics' default, ``dynamic=False``) gets every tile letterboxed to that shape (square
+    padding instead of the minimal rectangle), so its boxes can differ slightly from the ``.pt``'s near padded borders;
     export with ``dynamic=True`` to feed the same inputs as PyTorch.
 
     Attributes:
         names (dict[int, str]): Class names. stride (int): Largest stride. shape (tuple | None): Fixed input (h, w).
     """
 
-    def __init__(self, model, device="cpu"):
+    def __init__(self, model, device="cpu", threads: int | None = None):
         from ultralytics.nn.autobackend import AutoBackend
 
         self.device = torch.device(device)
+        graph = _graph_file(model)
+        if graph is not None:
+            self.net = _GraphDetector(graph, device, threads)
+            self.shape, self.stride, self.names = self.net.shape, self.net.stride, self.net.names
+            return
         if _is_export(model):
             self.net = AutoBackend(str(model), device=self.device, verbose=False)
             meta = self.net.metadata or {}
-            self.shape = None if meta.get("dynamic") else tuple(meta.get("imgsz", (640, 640)))
+            dynamic = (meta.get("args") or {}).get("dynamic", meta.get("dynamic"))  # Ultralytics writes it in args
+            self.shape = None if dynamic else tuple(meta.get("imgsz", (640, 640)))
+            self.stride = int(max(torch.as_tensor(self.net.stride).reshape(-1).tolist()))
         else:  # loaded here (safe loading), then AutoBackend's channels-last layout on x86 CPUs, as YOLO.predict
-            self.net = AutoBackend(common.load_model(model, device), device=self.device, verbose=False)
-            self.shape = None
-        self.stride = int(max(torch.as_tensor(self.net.stride).reshape(-1).tolist()))
+            loaded = common.load_model(model, device)
+            self.net = AutoBackend(loaded, device=self.device, verbose=False)
+            self.shape, self.stride = None, common.model_stride(loaded)
         self.names = self.net.names
 
     def letterbox(self, img: np.ndarray, imgsz: int | None) -> torch.Tensor:
@@ -171,6 +192,62 @@ class TileModel:
         """Decoded predictions (B, 4 + nc, A) in ``x``'s pixels."""
         y = self.net(x)
         return y[0] if isinstance(y, (tuple, list)) else y
+
+
+class _GraphDetector:
+    """An Ultralytics ONNX or OpenVINO detection export run by :func:`~so_det_ultra.highres.runtimes.open_graph`."""
+
+    def __init__(self, graph: Path, device, threads: int | None):
+        from so_det_ultra.highres.runtimes import open_graph
+
+        self.graph = open_graph(graph, device=device, threads=threads)
+        meta = _export_metadata(self.graph, graph)
+        self.names = {int(k): v for k, v in meta.get("names", {}).items()} or {0: "object"}
+        self.stride = int(meta.get("stride", 32))
+        self.shape = self.graph.fixed_hw()
+        self.batch = self.graph.inputs[next(iter(self.graph.inputs))][0]  # None: any batch
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().cpu().numpy()
+        name = next(iter(self.graph.inputs))
+        if self.batch is None or len(x) == self.batch:
+            return torch.from_numpy(self.graph({name: x})[0])
+        outs = []
+        for i in range(0, len(x), self.batch):  # a fixed-batch graph: its own batch, the last one padded
+            part = x[i : i + self.batch]
+            pad = np.zeros((self.batch - len(part), *x.shape[1:]), x.dtype)
+            outs.append(self.graph({name: np.concatenate([part, pad])})[0][: len(part)])
+        return torch.from_numpy(np.concatenate(outs))
+
+
+def _graph_file(model) -> Path | None:
+    """The ``.onnx`` file or OpenVINO ``.xml`` of an export path (a file, or an ``*_openvino_model`` folder)."""
+    if not isinstance(model, (str, Path)):
+        return None
+    p = Path(model)
+    if p.suffix in (".onnx", ".xml") and p.is_file():
+        return p
+    xml = sorted(p.glob("*.xml")) if p.is_dir() else []
+    return xml[0] if len(xml) == 1 and xml[0].with_suffix(".bin").is_file() else None
+
+
+def _export_metadata(graph, path: Path) -> dict:
+    """The metadata Ultralytics writes with an export: the ONNX model's properties (Python literals as strings), or
+    ``metadata.yaml`` beside an OpenVINO graph."""
+    if graph.runtime == "onnxruntime":
+        out = {}
+        for k, v in graph.session.get_modelmeta().custom_metadata_map.items():
+            try:
+                out[k] = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                out[k] = v
+        return out
+    sidecar = path.parent / "metadata.yaml"
+    if not sidecar.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(sidecar.read_text()) or {}
 
 
 def _is_export(model) -> bool:
