@@ -146,9 +146,10 @@ def _metadata() -> dict:
         "align": 2,
         "factor": {"2": 2},
         "seeker": 4,
-        "stem_outputs": [2, 4],
+        "stem_outputs": [2],
         "rest_inputs": [2],
         "defaults": {"thr": None, "patch": None, "margin": 2},
+        "graphs": 2,
     }
 
 
@@ -161,7 +162,7 @@ def _metadata() -> dict:
         (lambda m: {**m, "stride": "16"}, "'stride' must be a positive number"),
         (lambda m: {k: v for k, v in m.items() if k != "cell"}, "'cell' must be a positive integer"),
         (lambda m: {**m, "factor": {"2": None}}, "'factor' must map layer indices"),
-        (lambda m: {**m, "seeker": 9}, "'seeker' must be one of 'stem_outputs'"),
+        (lambda m: {**m, "seeker": "4"}, "'seeker' must be a layer index"),
         (lambda m: {**m, "rest_inputs": [7]}, "every 'rest_inputs' layer"),
         (lambda m: {**m, "defaults": {"thr": "high"}}, "'defaults' must hold numbers"),
     ],
