@@ -27,6 +27,17 @@ LOAD_MODES = pytest.mark.parametrize(
 )
 
 
+class RunsCode:
+    """Pickled into a checkpoint, it runs ``os.mkdir(marker)`` when the file is loaded with full pickle: what safe
+    loading must refuse."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
 def clean_env(**extra) -> dict:
     """Environment for a child process: offline Ultralytics, no inherited PYTHONPATH tricks."""
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "SO_DET_ULTRA_AUTOLOAD"}}

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import RunsCode
 from ultralytics import YOLO
 
 from so_det_ultra.cli import main
@@ -26,14 +27,6 @@ from so_det_ultra.nn.checkpoints import UnsafeCheckpointError
 from so_det_ultra.registry import ModelBuildError
 
 FAST = ["--mode", "sparse", "--thr", "0", "--conf", "0.000001", "--max-det", "5", "--device", "cpu"]
-
-
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def ckpts(tmp_path_factory):
     y.model = DetectionModel("so-det-esod-n.yaml", nc=3, verbose=False)
     y.save(str(root / "good.pt"))
     ckpt = torch.load(root / "good.pt", weights_only=False)
-    ckpt["extra"] = _RunsCode(root / "ran")
+    ckpt["extra"] = RunsCode(root / "ran")
     torch.save(ckpt, root / "evil.pt")
     return root / "good.pt", root / "evil.pt", root / "ran"
 

@@ -6,13 +6,13 @@ A YAML without plugin blocks keeps Ultralytics' own treatment of ``activation:``
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import RunsCode
 from ultralytics import YOLO
 
 from so_det_ultra import paths
@@ -76,14 +76,6 @@ def test_empty_head_is_a_clear_error(tmp_path, so_det_cfg, head):
         YOLO(str(path))
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A plain so-det-n checkpoint and one whose pickle runs ``os.mkdir(marker)`` when loaded in full."""
@@ -91,7 +83,7 @@ def checkpoints(tmp_path_factory):
     good = root / "good.pt"
     YOLO("so-det-n.yaml").save(good)
     ckpt = torch.load(good, weights_only=False)
-    ckpt["extra"] = _RunsCode(root / "ran")
+    ckpt["extra"] = RunsCode(root / "ran")
     evil = root / "evil.pt"
     torch.save(ckpt, evil)
     return good, evil, root / "ran"
