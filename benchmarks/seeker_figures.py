@@ -68,7 +68,7 @@ def frames_and_maps(path, images, gts, bh):
 def curves(sm, maps):
     """Rows (thr, seeker recall, patches/frame) for the learned and the oracle heatmaps, and the learned heatmap's
     cell-level (thr, precision, recall) against the oracle's marked cells."""
-    from so_det_ultra.training.seeker import recall_at
+    from so_det_ultra.training.seeker_threshold import recall_at
 
     slicer = {"align": sm.align}
     learned = [(t, *recall_at([(p, c) for _, p, _, c in maps], float(t), **slicer)) for t in THRESHOLDS]

@@ -15,15 +15,15 @@ from ultralytics.nn.tasks import DetectionModel
 
 from so_det_ultra.nn.esod import ObjectSeeker
 from so_det_ultra.nn.graph import renumber_from, seeker_index
-from so_det_ultra.training.seeker import (
+from so_det_ultra.training.seeker import fit_seeker
+from so_det_ultra.training.seeker_model import (
     _DepthwiseConv,
     add_seeker,
-    choose_threshold,
-    fit_seeker,
     load_checkpoint,
     seeker_logits,
     write_checkpoint,
 )
+from so_det_ultra.training.seeker_threshold import choose_threshold
 
 FAMILIES = ("yolov8n-p2.yaml", "yolo11n.yaml", "so-det-s.yaml", "so-det26-s.yaml")
 
@@ -267,7 +267,7 @@ def test_fit_seeker_command_writes_once_and_prints_the_path_last(fitted, tiny_da
 
 def test_the_version_stamp_key_is_the_integrations():
     from so_det_ultra.integration.checkpoint import KEY
-    from so_det_ultra.training.seeker import STAMP_KEY
+    from so_det_ultra.training.seeker_model import STAMP_KEY
 
     assert STAMP_KEY == KEY
 

@@ -10,8 +10,8 @@ the command is ``so-det fit-seeker``.
 What :func:`fit_seeker` does with a checkpoint:
 
 1. a model with an :class:`~so_det_ultra.nn.esod.ObjectSeeker` keeps it (re-fitted); any other Ultralytics detection
-   model gets one inserted after its stride-8 backbone output (:func:`add_seeker`); the head and every other layer
-   are untouched, so dense predictions stay bit-identical;
+   model gets one inserted after its stride-8 backbone output (:func:`.seeker_model.add_seeker`); the head and every
+   other layer are untouched, so dense predictions stay bit-identical;
 2. every other parameter and every BatchNorm statistic is frozen (the whole model stays in eval mode); the seeker's
    own BatchNorm statistics are measured once on the training features and then held too, so the seeker computes the
    same function in training and at inference;
@@ -19,33 +19,27 @@ What :func:`fit_seeker` does with a checkpoint:
    :func:`~so_det_ultra.losses.esod.heatmap_target`, official per-cell weights, ignored regions neither positive
    nor negative) on native-resolution full frames: each frame as it is and ``variants - 1`` flipped and
    scale-jittered copies, whose stride-8 features are computed once (:class:`~.seeker_data.FeatureCache`);
-4. the threshold is chosen on the held-out frames (:func:`choose_threshold`) and stored as ``ObjectSeeker.thr``,
-   which sparse inference uses when no threshold is given;
+4. the threshold is chosen on the held-out frames (:func:`.seeker_threshold.choose_threshold`) and stored as
+   ``ObjectSeeker.thr``, which sparse inference uses when no threshold is given;
 5. the checkpoint is the input's dict with the fitted model, Ultralytics' date and version stamps, this package's
    version in the model YAML, and a ``fit_seeker`` record of the settings and results.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import time
-from copy import deepcopy
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from so_det_ultra._version import __version__
-from so_det_ultra.data._io import atomic_write_bytes
 from so_det_ultra.losses.esod import WEIGHTS, class_ratio, heatmap_bce
-from so_det_ultra.nn.checkpoints import read_checkpoint
 from so_det_ultra.nn.esod import SEEKER_STRIDE, ObjectSeeker
-from so_det_ultra.nn.graph import insert_layer, output_shapes, seeker_index, sources
-from so_det_ultra.nn.slicer import THRESHOLD, official_patch, patch_cores, select_patches
+from so_det_ultra.nn.graph import sources
+from so_det_ultra.nn.slicer import THRESHOLD
 from so_det_ultra.training.seeker_data import (
     FeatureCache,
     frame_geometry,
@@ -54,150 +48,19 @@ from so_det_ultra.training.seeker_data import (
     input_size,
     load_frames,
 )
+from so_det_ultra.training.seeker_model import (
+    add_seeker,
+    calibrate_bn,
+    freeze_all_but_seeker,
+    load_checkpoint,
+    max_stride,
+    round_like_checkpoint,
+    seeker_logits,
+    write_checkpoint,
+)
+from so_det_ultra.training.seeker_threshold import choose_threshold, object_centres, recall_at
 
-STAMP_KEY = "so_det_ultra"  # model.yaml key of the version stamp: integration.checkpoint.KEY (a test checks)
-GRID = 0.01  # threshold step of choose_threshold
 RECALL_OF = ("objects", "detections")  # what the held-out recall counts (fit_seeker recall_of)
-
-
-# --- the model ----------------------------------------------------------------------------------------------------
-
-
-def add_seeker(model, layer: int | None = None, k: int = 13) -> int:
-    """Index of ``model``'s ObjectSeeker: its own, or a new one inserted to read layer ``layer``.
-
-    ``layer`` None picks the last backbone layer (a row of the YAML's ``backbone:``) with a stride-8 output, the
-    backbone P3 ESOD's seeker reads. The new seeker becomes layer ``layer + 1`` with the YAML row ``[layer, 1,
-    ObjectSeeker, [k]]``; the later layers move up by one (:func:`~so_det_ultra.nn.graph.insert_layer`). Sparse
-    inference then runs layers ``0..layer + 1`` on the full frame and crops the outputs of those that later layers
-    read (their strides must divide 8: :class:`so_det_ultra.highres.sparse.SparseModel` checks).
-
-    Raises:
-        ValueError: ``layer`` given is not a stride-8 map before the head; no backbone layer has stride 8.
-    """
-    if any(isinstance(m, ObjectSeeker) for m in model.model):
-        return seeker_index(model, "fit-seeker")
-    size = 4 * _max_stride(model)
-    shapes = output_shapes(model.model, size, (model.yaml or {}).get("channels", 3))
-    ok = [i for i, s in enumerate(shapes[:-1]) if s is not None and len(s) == 4 and size // s[-1] == SEEKER_STRIDE]
-    if layer is None:
-        backbone = [i for i in ok if i < len(model.yaml.get("backbone", []))]
-        if not backbone:
-            raise ValueError(f"no backbone layer has a stride-{SEEKER_STRIDE} output; name one with layer= ({ok})")
-        layer = backbone[-1]
-    if layer not in ok:
-        raise ValueError(f"layer {layer} cannot feed the seeker, which needs a stride-{SEEKER_STRIDE} map: one of {ok}")
-    seeker = ObjectSeeker(shapes[layer][1], k).to(next(model.parameters()).device)
-    insert_layer(model, seeker, layer + 1, [layer, 1, "ObjectSeeker", [k]])
-    return layer + 1
-
-
-def _max_stride(model) -> int:
-    return int(max(model.stride.tolist())) if hasattr(model, "stride") else 32
-
-
-def freeze_all_but_seeker(model, k: int) -> ObjectSeeker:
-    """Eval mode everywhere (BatchNorm statistics held), gradients for the seeker's parameters only; the seeker."""
-    model.eval().requires_grad_(False)
-    seeker = model.model[k]
-    seeker.requires_grad_(True)
-    return seeker
-
-
-class _DepthwiseConv(torch.autograd.Function):
-    """Depthwise convolution whose weight gradient is computed as one grouped convolution of the input with the
-    output gradient (each channel's input correlated with its gradient), and no input gradient (the features are
-    frozen). The same gradient as autograd's (tested); 12x faster than PyTorch's depthwise backward for the seeker's
-    13x13 kernel on a 1080p frame (41 ms against 516 ms, 128 channels, one thread of a loaded 2-core CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, pad: int):
-        ctx.save_for_backward(x)
-        ctx.pad = pad
-        return F.conv2d(x, weight, padding=pad, groups=x.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        b, c, h, w = x.shape
-        p = ctx.pad
-        xp = F.pad(x, (p, p, p, p)).transpose(0, 1).reshape(1, c * b, h + 2 * p, w + 2 * p)
-        gw = F.conv2d(xp, grad.transpose(0, 1).contiguous(), groups=c)  # (1, c, k, k): sum over the batch
-        return None, gw.reshape(c, 1, *gw.shape[2:]), None
-
-
-def seeker_logits(seeker: ObjectSeeker, feats: torch.Tensor) -> torch.Tensor:
-    """``seeker(feats)`` for training: the same function (its BatchNorm in eval mode), with the fast depthwise weight
-    gradient of :class:`_DepthwiseConv` and no gradient for ``feats``."""
-    conv = seeker.cv1.conv
-    y = _DepthwiseConv.apply(feats, conv.weight, conv.padding[0])
-    return seeker.cv2(seeker.cv1.act(seeker.cv1.bn(y)))
-
-
-@torch.no_grad()
-def calibrate_bn(seeker: ObjectSeeker, features) -> None:
-    """Set the seeker's BatchNorm running statistics to the mean and variance of its depthwise conv's output over
-    ``features`` (an iterable of (1, C, h, w) tensors, every cell counted), as a cumulative average (precise BN: Wu &
-    Johnson, "Rethinking 'Batch' in BatchNorm", 2021)."""
-    bn = seeker.cv1.bn
-    n, s1, s2 = 0, 0.0, 0.0
-    for f in features:
-        y = seeker.cv1.conv(f).double()
-        n += y.shape[0] * y.shape[2] * y.shape[3]
-        s1 = s1 + y.sum((0, 2, 3))
-        s2 = s2 + (y * y).sum((0, 2, 3))
-    if n:
-        mean = s1 / n
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_((s2 / n - mean * mean).clamp(min=0) * n / max(n - 1, 1))
-
-
-# --- held-out recall and the threshold ------------------------------------------------------------------------------
-
-
-def seeker_recall(prob, centres, thr: float, patch=None, align: int = 1, prune: bool = True) -> tuple[int, int, int]:
-    """``(covered, total, patches)`` for one frame: objects whose centre (``centres`` (N, 2) y, x in heatmap cells)
-    lies in the core of a patch that sparse inference selects from heatmap ``prob`` (H, W) at ``thr``
-    (:func:`~so_det_ultra.nn.slicer.select_patches` with the same ``patch``, ``align`` and ``prune``; ``patch`` None
-    is ESOD's ``w/8 x h/8`` cells), and the number of those patches."""
-    p = patch or official_patch(tuple(prob.shape), align)
-    cores = patch_cores(select_patches(prob, thr, p, align, prune), tuple(prob.shape), p)
-    inside = np.zeros(len(centres), bool)
-    for y0, x0, y1, x1 in cores:
-        inside |= (centres[:, 0] >= y0) & (centres[:, 0] < y1) & (centres[:, 1] >= x0) & (centres[:, 1] < x1)
-    return int(inside.sum()), len(centres), len(cores)
-
-
-def recall_at(frames, thr: float, **slicer) -> tuple[float, float]:
-    """Held-out seeker recall and mean patches per frame at ``thr`` over ``frames`` ((prob, centres) pairs)."""
-    got = [seeker_recall(prob, c, thr, **slicer) for prob, c in frames]
-    total = sum(t for _, t, _ in got)
-    return sum(c for c, _, _ in got) / max(total, 1), float(np.mean([p for _, _, p in got])) if got else 0.0
-
-
-def choose_threshold(frames, target: float = 0.98, step: float = GRID, **slicer) -> tuple[float, list]:
-    """The heatmap threshold that keeps seeker recall >= ``target`` on ``frames`` ((prob, centres) pairs).
-
-    Rule (ours): scan thresholds ``step, 2 * step, ...`` upwards and keep the last one before recall first drops
-    below ``target`` (recall is not monotonic in the threshold, since patches move with the activity, so the scan
-    stops at the first drop rather than taking the highest passing one). When even the lowest misses the target,
-    the lowest is returned. Returns the threshold and the scanned ``(thr, recall, patches per frame)`` rows.
-    """
-    rows, best = [], step
-    for k in range(1, int(round(1 / step))):
-        thr = round(k * step, 6)
-        rec, n = recall_at(frames, thr, **slicer)
-        rows.append((thr, rec, n))
-        if rec < target:
-            break
-        best = thr
-    return best, rows
-
-
-def object_centres(boxes: np.ndarray, cell: int, keep: np.ndarray | None = None) -> np.ndarray:
-    """(N, 2) y, x heatmap cells (fractional) of the centres of input-pixel xyxy ``boxes`` (those in ``keep``)."""
-    b = boxes if keep is None else boxes[keep]
-    return np.stack(((b[:, 1] + b[:, 3]) / 2 / cell, (b[:, 0] + b[:, 2]) / 2 / cell), 1).reshape(-1, 2)
 
 
 # --- fitting --------------------------------------------------------------------------------------------------------
@@ -291,7 +154,7 @@ def fit_seeker(
     had = any(isinstance(m, ObjectSeeker) for m in net.model)
     k = add_seeker(net, layer)
     seeker = freeze_all_but_seeker(net, k)
-    src, stride = sources(seeker)[0], _max_stride(net)
+    src, stride = sources(seeker)[0], max_stride(net)
     frames, cfg = load_frames(data, split, fraction)
     every = max(2, round(1 / holdout))
     held = [f for n, f in enumerate(frames) if n % every == every - 1]
@@ -325,7 +188,7 @@ def fit_seeker(
     )
     t_train = time.perf_counter() - t0
 
-    _round_like_checkpoint(seeker, ckpt)  # the threshold is chosen for the weights as they will be stored
+    round_like_checkpoint(seeker, ckpt)  # the threshold is chosen for the weights as they will be stored
     if recall_of == "detections":
         held_centres = [_detected_centres(net, f, s, stride, min_size, det_conf) for _, f, s, _ in held_keys]
     held_frames = list(zip(heldout_heatmaps(seeker, feats, held_keys), held_centres))
@@ -482,69 +345,3 @@ def _cls_ratio(model, frames, names) -> list:
         return list(given)
     counts = np.bincount(np.concatenate([f.cls for f in frames] or [np.zeros(0, int)]), minlength=nc)
     return class_ratio(counts.tolist())
-
-
-def _round_like_checkpoint(seeker: ObjectSeeker, ckpt: dict) -> None:
-    """Round the seeker's weights to the dtype the checkpoint stores (fp16 for Ultralytics' own) and back."""
-    dtype = _stored_dtype(ckpt)
-    with torch.no_grad():
-        for t in list(seeker.parameters()) + list(seeker.buffers()):
-            if t.is_floating_point():
-                t.copy_(t.to(dtype).to(t.dtype))
-
-
-def _stored_dtype(ckpt: dict) -> torch.dtype:
-    m = ckpt.get("ema") or ckpt.get("model")
-    return next(m.parameters()).dtype if isinstance(m, torch.nn.Module) else torch.float16
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------------
-
-
-def load_checkpoint(path, unsafe: bool = False) -> tuple[dict, torch.nn.Module]:
-    """``(checkpoint dict, model in float32)`` of an Ultralytics detection checkpoint (``ema``, else ``model``).
-
-    Read by content whatever the file is called, weights-only unless ``unsafe``
-    (:func:`so_det_ultra.nn.checkpoints.read_checkpoint`): a pickle that would run code is refused.
-
-    Raises:
-        ValueError: the file is no loadable checkpoint, or holds no detection model (a classifier, RT-DETR ...).
-    """
-    from ultralytics.nn.modules import Detect
-
-    ckpt, model = read_checkpoint(Path(path), unsafe=unsafe)
-    head = model.model[-1]
-    if not isinstance(head, Detect) or type(head).__name__ in ("Segment", "Pose", "OBB", "YOLOEDetect"):
-        raise ValueError(
-            f"{path}: fit-seeker needs a detection model with a Detect head, got {type(head).__name__}; sparse "
-            "inference runs detection models only"
-        )
-    return ckpt, deepcopy(model).float().eval()
-
-
-def write_checkpoint(ckpt: dict, model, out, info: dict) -> Path:
-    """Write ``model`` into a copy of checkpoint dict ``ckpt`` at ``out`` (an exclusive temporary file in the same
-    folder, then renamed), as Ultralytics writes a finished training's checkpoint: the model in the stored dtype in
-    place of the input's ``model``/``ema``, no optimizer state, ``epoch`` -1, ``date`` and ``version``
-    (Ultralytics') stamped, the package version in the model YAML, and ``fit_seeker`` holding ``info``."""
-    import ultralytics
-
-    out = Path(out)
-    saved = deepcopy(model).to(_stored_dtype(ckpt)).requires_grad_(False)
-    if isinstance(saved.yaml, dict):
-        saved.yaml[STAMP_KEY] = __version__
-    new = dict(ckpt)
-    for key in ("model", "ema"):
-        if isinstance(ckpt.get(key), torch.nn.Module):
-            new[key] = saved
-    new.update(
-        epoch=-1,
-        optimizer=None,
-        date=datetime.now().isoformat(),
-        version=ultralytics.__version__,
-        fit_seeker=info,
-    )
-    buffer = io.BytesIO()
-    torch.save(new, buffer)
-    atomic_write_bytes(out, buffer.getvalue())  # complete or not at all; a link at ``out`` is replaced, not followed
-    return out
