@@ -37,8 +37,8 @@ clock = time.perf_counter
 def covered(patches, cells_hw, runs=None) -> tuple[float, float, float]:
     """(union, sum, what the engine ran) of the patches' crops as shares of the ``cells_hw`` heatmap cells; the last
     is the sum of ``runs``' crops (a result's ``runs``: merged, in bucket shapes; :func:`~so_det_ultra.highres.sparse.
-    plan_runs`), by default the patches merged without buckets (:func:`so_det_ultra.highres.sparse.merge_crops`)."""
-    from so_det_ultra.highres.sparse import merge_crops
+    plan_runs`), by default the patches merged without buckets (:func:`so_det_ultra.highres.runs.merge_crops`)."""
+    from so_det_ultra.highres.runs import merge_crops
 
     h, w = cells_hw
     mask = torch.zeros(h, w, dtype=torch.bool)

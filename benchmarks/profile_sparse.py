@@ -46,7 +46,7 @@ STAGES = {
         [(SPARSE, "select_patches"), (SPARSE, "make_patches"), (SPARSE, "plan_runs")],
         [(SPARSE, "select_patches"), (SPARSE, "make_patches")],
     ],
-    "crop": [[(SPARSE, "_crop")]],
+    "crop": [[(SPARSE, "crop")], [(SPARSE, "_crop")]],
     "rest": [[("engine", "run_rests")], [("engine", "run_rest")]],
     "decode": [[(SPARSE, "_to_frame")]],
     "NMS": [[(SPARSE, "frame_nms")], [("ultralytics.utils.nms", "non_max_suppression")]],

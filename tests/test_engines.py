@@ -225,7 +225,7 @@ def test_sliced_with_fixed_shape_and_batch_export(ckpt):
 
 def test_merge_crops_adds_no_area_and_keeps_every_core():
     from so_det_ultra.highres.patches import Patch
-    from so_det_ultra.highres.sparse import merge_crops
+    from so_det_ultra.highres.runs import merge_crops
 
     a = Patch((4, 4, 16, 16), (0, 0, 20, 20))
     b = Patch((4, 14, 16, 26), (0, 10, 20, 30))  # overlaps a by half: the box (20 x 30) is smaller than 2 x 20 x 20
@@ -245,7 +245,8 @@ def test_merged_crops_give_the_dense_predictions_once(tmp_path):
     from ultralytics.nn.tasks import DetectionModel
 
     from so_det_ultra.highres import SparseModel, make_patches, select_patches
-    from so_det_ultra.highres.sparse import merge_crops, run_patches
+    from so_det_ultra.highres.runs import merge_crops
+    from so_det_ultra.highres.sparse import run_patches
 
     (tmp_path / "m.yaml").write_text(LOCAL_YAML)
     torch.manual_seed(0)

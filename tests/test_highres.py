@@ -265,7 +265,8 @@ def test_sparse_default_caps_keep_a_crowded_frame_and_max_det_tile_caps_each_run
 def test_merged_and_bucketed_runs_give_the_dense_predictions_in_every_core(local_model):
     """Merging overlapping crops and growing them to bucket sizes adds context only beyond the margin: with a margin
     that holds the model's receptive field, every prediction centred in a core stays the dense model's."""
-    from so_det_ultra.highres.sparse import plan_runs, run_frame
+    from so_det_ultra.highres.runs import plan_runs
+    from so_det_ultra.highres.sparse import run_frame
 
     sm = SparseModel(local_model)
     x = torch.rand(1, 3, 320, 480)

@@ -8,10 +8,10 @@ Source: Liu et al., "ESOD: Efficient Small Object Detection on High-Resolution I
 2. run the *stem*, every layer up to and including the :class:`~so_det_ultra.nn.esod.ObjectSeeker`, on the whole
    frame (for so-det-esod: layers 0-5, strides 2-8); the sigmoid of the seeker's logits is the heatmap, one value per
    *cell* of ``cell`` pixels, the seeker's stride (measured from the model when it is split; 8 for so-det-esod);
-3. pick patches from the heatmap (:mod:`.patches`) and plan the network runs (:func:`plan_runs`): a crop per patch,
-   or overlapping crops merged into one run whose size is rounded up to a few bucket shapes; crop every stem output
-   the later layers read (stride 4 and 8 maps for so-det-esod) at each run, and run the remaining layers on batches
-   of equal-shape crops;
+3. pick patches from the heatmap (:mod:`.patches`) and plan the network runs (:func:`.runs.plan_runs`): a crop per
+   patch, or overlapping crops merged into one run whose size is rounded up to a few bucket shapes; crop every stem
+   output the later layers read (stride 4 and 8 maps for so-det-esod) at each run, and run the remaining layers on
+   batches of equal-shape crops;
 4. the Detect layer decodes boxes in crop pixels; :func:`to_frame` adds each crop's offset and zeroes the scores of
    boxes whose centre lies outside the run's patch cores (inside the rest graph of an export); one NMS runs over all
    runs (:func:`frame_nms`, with an optional cap per run);
@@ -30,10 +30,7 @@ beyond its margin; the sparse head's cells are the 3x3 local maxima >= ``thr`` (
 
 from __future__ import annotations
 
-import itertools
-import math
 import time
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,13 +38,12 @@ import torch.nn.functional as F
 
 from so_det_ultra.highres import common
 from so_det_ultra.highres.patches import THRESHOLD, find_centres, make_patches, official_patch, select_patches
+from so_det_ultra.highres.runs import BUCKET, batches, crop, merge_crops, placement, plan_runs
 from so_det_ultra.highres.sparse_head import HEAD_DILATE, dilate, sparse_detect
 from so_det_ultra.nn.esod import SeekerDetect
 from so_det_ultra.nn.graph import layer_inputs as _inputs
 from so_det_ultra.nn.graph import seeker_index, seeker_threshold
 from so_det_ultra.nn.graph import sources as _sources
-
-BUCKET = 4  # merged runs are rounded up to multiples of this many cells (32 px at so-det-esod's 8-px cells)
 
 
 class SparseModel:
@@ -243,100 +239,14 @@ def to_frame(pred: torch.Tensor, origin: torch.Tensor, keep: torch.Tensor, cell:
     return torch.cat((xy + origin[:, :, None].to(xy.dtype), pred[:, 2:4], pred[:, 4:] * k[:, None]), 1)
 
 
-class Run(NamedTuple):
-    """One network input: a crop (y0, x0, y1, x1 cells) and the patch cores whose predictions it gives."""
-
-    crop: tuple
-    cores: tuple
-
-
-_Run = Run  # the name of earlier versions
-
-
-def _area(b) -> int:
-    return (b[2] - b[0]) * (b[3] - b[1])
-
-
-def _fit(box, bucket: int, shape, align: int) -> tuple:
-    """``box`` (y0, x0, y1, x1 cells) grown to sides that are multiples of ``bucket`` (at most the frame's), with
-    frame context: it grows down and right, and slides back inside the frame (corners stay on ``align``)."""
-    if bucket <= 1 or shape is None:
-        return tuple(box)
-    out = []
-    for lo, hi, limit in ((box[0], box[2], shape[0]), (box[1], box[3], shape[1])):
-        side = min(math.ceil((hi - lo) / bucket) * bucket, limit // align * align)
-        start = min(lo, (limit - side) // align * align)
-        out.append((start, start + side))
-    return out[0][0], out[1][0], out[0][1], out[1][1]
-
-
-def merge_crops(patches, max_grow: int = 4, bucket: int = 1, shape=None, align: int = 2) -> list:
-    """Patches as network runs, overlapping crops merged: two crops become their bounding box when the box (rounded
-    up to ``bucket`` cells, :func:`_fit`; needs the heatmap ``shape``) is no larger than the two crops' areas together
-    (so no work is added, and the overlap is computed once) and at most ``max_grow`` times the largest patch crop
-    (bounding global layers such as C2PSA's attention, which cost more per cell on larger inputs). Boxes of aligned
-    crops stay aligned, so predictions stay those of the dense model (for a receptive field within the margin)."""
-    runs = [Run(p.crop, (p.core,)) for p in patches]
-    limit = max_grow * max((_area(p.crop) for p in patches), default=0)
-    merged = True
-    while merged:
-        merged = False
-        for i, j in itertools.combinations(range(len(runs)), 2):
-            a, b = runs[i].crop, runs[j].crop
-            box = _fit((min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])), bucket, shape, align)
-            if _area(box) <= min(_area(a) + _area(b), limit):
-                runs[i], merged = Run(box, runs[i].cores + runs[j].cores), True
-                del runs[j]
-                break
-    return runs
-
-
-def plan_runs(patches, shape, merge: bool = True, bucket: int = BUCKET, align: int = 2) -> list:
-    """The network runs for ``patches`` on a heatmap of ``shape`` cells: one crop per patch (all of one size,
-    :func:`~so_det_ultra.highres.patches.make_patches`), or with ``merge`` overlapping crops merged where that adds no
-    work (:func:`merge_crops`), merged crops rounded up to multiples of ``bucket`` cells, so that a few input shapes
-    recur and ONNX Runtime, OpenVINO and TensorRT reuse their plans for them."""
-    if not merge:
-        return [Run(p.crop, (p.core,)) for p in patches]
-    return merge_crops(patches, bucket=bucket, shape=shape, align=align)
-
-
-def _crop(t, f: int, runs):
-    """The crops of ``runs`` (in heatmap cells) from a stem output (torch or NumPy) with ``f`` map cells per heatmap
-    cell, as one batch."""
-    parts = [t[..., r.crop[0] * f : r.crop[2] * f, r.crop[1] * f : r.crop[3] * f] for r in runs]
-    if isinstance(t, torch.Tensor):
-        return parts[0] if len(parts) == 1 else torch.cat(parts)  # one crop: a view, no copy
-    return np.ascontiguousarray(parts[0]) if len(parts) == 1 else np.concatenate(parts)
-
-
-def _placement(runs, cell: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each run's crop origin (B, 2) x, y in frame pixels and its ``keep`` mask (B, 1, h, w): 1 on its cores."""
-    h, w = runs[0].crop[2] - runs[0].crop[0], runs[0].crop[3] - runs[0].crop[1]
-    origin = np.array([(r.crop[1] * cell, r.crop[0] * cell) for r in runs], np.float32)
-    keep = np.zeros((len(runs), 1, h, w), np.float32)
-    for k, r in enumerate(runs):
-        for y0, x0, y1, x1 in r.cores:
-            keep[k, 0, y0 - r.crop[0] : y1 - r.crop[0], x0 - r.crop[1] : x1 - r.crop[1]] = 1
-    return origin, keep
-
-
-def batches(runs, batch: int) -> list:
-    """``runs`` grouped by crop shape, at most ``batch`` per group, in a fixed order."""
-    groups = {}
-    for r in runs:
-        groups.setdefault((r.crop[2] - r.crop[0], r.crop[3] - r.crop[1]), []).append(r)
-    return [same[i : i + batch] for same in groups.values() for i in range(0, len(same), batch)]
-
-
 def run_frame(engine, stem_out: dict, runs, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Detect output (1, 4 + nc, N) in frame pixels over every run (scores 0 outside the cores) and, per column, the
     index of the run that made it (for :func:`frame_nms`'s per-run cap)."""
     chunks = batches(runs, batch)
     work = []
     for chunk in chunks:
-        origin, keep = _placement(chunk, engine.cell)
-        work.append(({j: _crop(t, engine.factor[j], chunk) for j, t in stem_out.items()}, origin, keep))
+        origin, keep = placement(chunk, engine.cell)
+        work.append(({j: crop(t, engine.factor[j], chunk) for j, t in stem_out.items()}, origin, keep))
     outs = [torch.as_tensor(o) for o in engine.run_rests(work)]
     if not outs:
         return torch.zeros(1, 4 + len(engine.names), 0), torch.zeros(0, dtype=torch.long)
@@ -352,8 +262,8 @@ def run_patches(engine, stem_out: dict, patches, batch: int = 16, head_mask=None
     for the anchors whose box centre lies in a patch core.
 
     Patches with equal crop sizes run together, ``batch`` at a time. With ``merge``, overlapping crops that fit a
-    common box at no extra area run as that box (:func:`merge_crops`). ``head_mask`` (H/cell, W/cell) bool switches
-    on the sparse head (PyTorch only): Detect is evaluated only at those cells.
+    common box at no extra area run as that box (:func:`.runs.merge_crops`). ``head_mask`` (H/cell, W/cell) bool
+    switches on the sparse head (PyTorch only): Detect is evaluated only at those cells.
     """
     runs = merge_crops(patches) if merge else plan_runs(patches, None, merge=False)
     if head_mask is None:
@@ -367,9 +277,9 @@ def _sparse_head_frame(engine, stem_out: dict, runs, batch: int, head_mask) -> t
     """As :func:`run_frame` with the Detect head evaluated only at ``head_mask`` (PyTorch only)."""
     outs, run_id = [], []
     for chunk in batches(runs, batch):
-        crops = {j: _crop(t, engine.factor[j], chunk) for j, t in stem_out.items()}
+        crops = {j: crop(t, engine.factor[j], chunk) for j, t in stem_out.items()}
         preds = engine.run_rest_sparse_head(crops, lambda f, c=chunk: _level_masks(head_mask, c, f))
-        origin, keep = map(torch.from_numpy, _placement(chunk, engine.cell))
+        origin, keep = map(torch.from_numpy, placement(chunk, engine.cell))
         for k, p in enumerate(preds):
             outs.append(to_frame(p[None], origin[k : k + 1], keep[k : k + 1], engine.cell)[0])
             run_id.append(torch.full((p.shape[1],), len(run_id)))
@@ -474,7 +384,7 @@ def sparse_predict(
             (ESOD's sparse head; :mod:`.sparse_head`) instead of on every cell of each patch.
         prune (bool): Drop patches whose active cells the other patches' cores already hold
             (:func:`~so_det_ultra.highres.patches.select_patches`).
-        merge_crops (bool): Run overlapping crops as their common box when it adds no work (:func:`plan_runs`);
+        merge_crops (bool): Run overlapping crops as their common box when it adds no work (:func:`.runs.plan_runs`);
             False: one crop per patch, as ESOD.
         bucket (int): Merged crops are rounded up to multiples of this many cells (1: exact boxes).
 
