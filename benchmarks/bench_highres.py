@@ -210,7 +210,7 @@ def bench(a):
     for m in a.margin_sweep:  # recall and speed against the margin, with both heatmaps
         sparse_modes[f"sparse-oracle margin {m}"] = dict(oracle=True, margin=m)
         sparse_modes[f"sparse-seeker margin {m}"] = dict(oracle=False, margin=m)
-    sparse_modes["sparse-oracle no-merge"] = dict(oracle=True, merge_crops=False)
+    sparse_modes["sparse-oracle merged"] = dict(oracle=True, merge_crops=True)  # crop merging, off by default
     if a.modes:
         sparse_modes = {k: v for k, v in sparse_modes.items() if k in a.modes}
     modes = ("dense", *sparse_modes, *(("sliced",) if not a.modes or "sliced" in a.modes else ()))

@@ -355,7 +355,7 @@ def sparse_predict(
     sparse_head: bool = False,
     head_dilate: int = HEAD_DILATE,
     prune: bool = True,
-    merge_crops: bool = True,
+    merge_crops: bool = False,
     bucket: int = BUCKET,
     device="cpu",
 ) -> list:
@@ -385,7 +385,8 @@ def sparse_predict(
         prune (bool): Drop patches whose active cells the other patches' cores already hold
             (:func:`~so_det_ultra.highres.patches.select_patches`).
         merge_crops (bool): Run overlapping crops as their common box when it adds no work (:func:`.runs.plan_runs`);
-            False: one crop per patch, as ESOD.
+            off by default, one crop per patch as ESOD: on the idle 2-core benchmark merged runs were slower on
+            every runtime (docs/highres.md).
         bucket (int): Merged crops are rounded up to multiples of this many cells (1: exact boxes).
 
     Each result has ``speed`` (ms: preprocess, stem, select, patches, postprocess, inference) and ``patches`` (the
