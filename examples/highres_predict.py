@@ -28,7 +28,7 @@ img = cv2.imread(str(image))
 sparse_model = SparseModel(weights)  # split once at the ObjectSeeker, reuse for every frame
 dense_model = YOLO(weights)
 for name, predict in {
-    "sparse": lambda: sparse_predict(sparse_model, img, thr=0.5, margin=2, conf=0.25)[0],
+    "sparse": lambda: sparse_predict(sparse_model, img, conf=0.25)[0],  # the stored (or ESOD's) threshold
     "sliced": lambda: sliced_predict(sparse_model.model, img, tile=640, overlap=0.2, conf=0.25)[0],
     "dense": lambda: dense_model.predict(img, imgsz=max(img.shape[:2]), conf=0.25, device="cpu", verbose=False)[0],
 }.items():
