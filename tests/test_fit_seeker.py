@@ -88,6 +88,20 @@ def inserted(tmp_path_factory):
     return out
 
 
+def test_a_checkpoint_that_appears_at_out_while_fitting_is_kept_without_force(inserted):
+    """The existence check runs before fitting; a file another run writes at ``out`` meanwhile is never replaced."""
+    src, dst, *_ = inserted[FAMILIES[0]]
+    ckpt, model = load_checkpoint(dst)
+    out = dst.with_name("theirs.pt")
+    out.write_bytes(b"another run's checkpoint")
+    with pytest.raises(FileExistsError, match="created by something else while the seeker was fitted"):
+        write_checkpoint(ckpt, model, out, {"test": True}, replace=False)
+    assert out.read_bytes() == b"another run's checkpoint"
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp") or ".tmp" in p.name]
+    write_checkpoint(ckpt, model, out, {"test": True}, replace=True)
+    assert load_checkpoint(out)[1].model[-1].nc == model.model[-1].nc
+
+
 @pytest.mark.parametrize("cfg", FAMILIES)
 def test_insertion_keeps_dense_outputs_and_rebuilds_from_the_yaml(inserted, cfg):
     from so_det_ultra.highres.sparse import SparseModel

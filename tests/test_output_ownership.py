@@ -194,6 +194,46 @@ def test_a_users_extract_folder_is_never_touched(tmp_path):
     assert not [p for p in dst.iterdir() if p.name.startswith(".extract.")], "the work folder was not removed"
 
 
+@pytest.mark.parametrize("mode", ["symlink", "copy"])
+def test_images_from_archives_never_link_into_the_removed_work_folder(tmp_path, mode):
+    """The work folder is removed after the run: an image unpacked there is hardlinked into DST, never symlinked."""
+    unpacked = visdrone_source(tmp_path / "unpacked", n=2)
+    src = tmp_path / "zips"
+    src.mkdir()
+    _zip_split(unpacked, src / "VisDrone2019-DET-train.zip")
+    dst = tmp_path / "dst"
+    assert convert(src, dst, images=mode).images == {"train": 2}
+    images = sorted((dst / "images" / "train").iterdir())
+    assert len(images) == 2 and not [p for p in images if p.is_symlink()]
+    assert all(cv2.imread(str(p)) is not None for p in images)
+
+
+def test_an_output_that_appears_while_merging_is_kept_without_force(tmp_path, monkeypatch):
+    """merge-predictions checks OUT first, then writes: a file another run writes there meanwhile is never replaced
+    without --force (the rename is a hard link, which fails on any existing name); a dangling link counts too."""
+    from so_det_ultra.highres import jobs
+
+    out = tmp_path / "merged.json"
+    real = _io.write_temp
+
+    def racing(path, data):
+        Path(path).write_text("another run's merge")  # the other run finishes between the check and the rename
+        return real(path, data)
+
+    monkeypatch.setattr(_io, "write_temp", racing)
+    with pytest.raises(jobs.JobError, match=r"merged\.json exists .* it is kept"):
+        jobs.write_predictions(out, [], replace=False)
+    assert out.read_text() == "another run's merge" and not temp_files(tmp_path)
+    monkeypatch.setattr(_io, "write_temp", real)
+    jobs.write_predictions(out, [], replace=True)
+    assert json.loads(out.read_text()) == []
+    link = tmp_path / "link.json"
+    os.symlink(tmp_path / "nowhere", link)
+    with pytest.raises(FileExistsError):
+        _io.atomic_write_bytes(link, b"[]", replace=False)
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists() and not temp_files(tmp_path)
+
+
 def test_soda_full_image_sidecars_are_owned(tmp_path):
     """The full image's sidecar beside its tiles: a user's file of that name is refused, and a stale one removed."""
     src, dst = soda_source(tmp_path / "SODA-D"), tmp_path / "dst"
@@ -447,6 +487,22 @@ def test_a_failed_export_keeps_the_earlier_one(models, export, tmp_path, monkeyp
     after = files(out)
     assert {k: v for k, v in after.items() if k != JOURNAL} == {k: v for k, v in before.items() if k != JOURNAL}
     assert re.search(r"No space left on device: '.*rest\.onnx'; the earlier export in .* is intact", str(err.value))
+
+
+def test_a_first_export_that_failed_can_be_retried_without_force(models, tmp_path, monkeypatch):
+    """A failed first export leaves only its bookkeeping (manifest, lock): the retry needs no ``--force``, and a
+    folder holding anything else is still refused."""
+    from so_det_ultra.highres.export import export_sparse, is_sparse_export
+
+    out = tmp_path / "sparse"
+    with monkeypatch.context() as m:
+        _export_failing_late(m)
+        with pytest.raises(OSError, match="nothing was exported"):
+            export_sparse(models[1], "onnx", out=out)
+    assert out.is_dir() and not is_sparse_export(out)
+    assert export_sparse(models[1], "onnx", out=out) == out and is_sparse_export(out)
+    with pytest.raises(FileExistsError, match="exists; pass --force"):
+        export_sparse(models[1], "onnx", out=out)
 
 
 def test_an_export_that_fills_the_disk_keeps_the_earlier_one(export, small_disk, tmp_path):

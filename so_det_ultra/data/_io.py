@@ -248,26 +248,43 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> bool:
+def atomic_write_bytes(path: Path, data: bytes, replace: bool = True) -> bool:
     """Write ``data`` to ``path`` atomically unless the file already holds exactly these bytes. True if written.
 
-    A link at ``path`` is replaced by the file, never written through.
+    A link at ``path`` is replaced by the file, never written through. With ``replace=False`` nothing at ``path`` is
+    ever replaced, not even one that appears while the data is written (another run's): FileExistsError instead.
     """
     path = Path(path)
-    if same_bytes(path, data):
+    if replace and same_bytes(path, data):
         return False
     tmp = write_temp(path, data)
     try:
-        os.replace(tmp, path)
+        os.replace(tmp, path) if replace else _move_new(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return True
 
 
-def atomic_write_text(path: Path, text: str) -> bool:
+def _move_new(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path`` only if nothing is there: a hard link fails atomically on any existing name."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "exists; nothing was replaced", str(path)) from None
+    except OSError as err:  # a file system without hard links: check, then rename (a narrow race remains)
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+            raise
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists; nothing was replaced", str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str, replace: bool = True) -> bool:
     """:func:`atomic_write_bytes` for UTF-8 text (``\\n`` line ends on every OS)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"), replace)
 
 
 def json_text(obj) -> str:

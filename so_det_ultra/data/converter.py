@@ -213,8 +213,9 @@ class Converter(ABC):
         """Convert ``source`` through ``out``; return the class names read from the source, or None."""
 
     def image_mode(self, source: Source) -> str:
-        """How unmodified images reach the output: files unpacked for this run are hardlinked instead of copied."""
-        return "hardlink" if source.extracted and self.images == "copy" else self.images
+        """How unmodified images reach the output: files unpacked for this run are hardlinked, whether ``copy`` or
+        ``symlink`` was asked (a link into the work folder, which is removed after the run, would dangle)."""
+        return "hardlink" if source.extracted else self.images
 
     def unpack(self, archive: Path, extract: Path) -> Path:
         from ultralytics.utils import LOGGER
@@ -270,6 +271,13 @@ class Converter(ABC):
             sources = self.locate(src, extract)
             if not sources:
                 raise FileNotFoundError(self.missing.format(where=src, env=self.env))
+            if self.images == "symlink" and any(s.extracted for s in sources):
+                from ultralytics.utils import LOGGER
+
+                LOGGER.warning(
+                    f"--images symlink: images unpacked from archives are hardlinked into {dst} instead (their "
+                    "unpacked copies are removed after the run); unzip the archives yourself to link to them"
+                )
             for source in sources:
                 for folder in source.guard:
                     check_dst(folder, dst)

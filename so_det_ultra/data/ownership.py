@@ -53,7 +53,15 @@ def _what(kind: str) -> str:
     return "conversion" if kind in WRITERS else "output"
 
 
-__all__ = ["DestinationError", "Ownership", "check_paths", "dst_lock", "read_manifest", "check_lock_timeout"]
+__all__ = [
+    "DestinationError",
+    "Ownership",
+    "check_paths",
+    "dst_lock",
+    "read_manifest",
+    "check_lock_timeout",
+    "only_bookkeeping",
+]
 
 
 def check_paths(src, dst) -> None:
@@ -85,6 +93,15 @@ def check_lock_timeout(timeout) -> float | None:
             "the other run ends"
         )
     return float(timeout)
+
+
+def only_bookkeeping(dst: Path) -> bool:
+    """True when ``dst`` is a real folder holding nothing but bookkeeping files (a run that failed before its first
+    output left them): a retry may write there without ``--force``."""
+    dst = Path(dst)
+    if dst.is_symlink() or not dst.is_dir():
+        return False
+    return all(p.name in BOOKKEEPING and not p.is_symlink() and p.is_file() for p in dst.iterdir())
 
 
 def check_folder(dst: Path) -> None:

@@ -56,7 +56,7 @@ def export_sparse(
         unsafe_load (bool): Load a checkpoint with full pickle (only for files you trust).
         lock_timeout (float, optional): Seconds to wait for another run writing the folder (None: until it ends).
     """
-    from so_det_ultra.data.ownership import Ownership, check_lock_timeout, dst_lock
+    from so_det_ultra.data.ownership import Ownership, check_lock_timeout, dst_lock, only_bookkeeping
     from so_det_ultra.highres.common import load_model
     from so_det_ultra.highres.sparse import SparseModel
 
@@ -65,7 +65,7 @@ def export_sparse(
     if format == "engine":
         _require_tensorrt()
     folder = Path(out) if out else _default_folder(model, format)
-    if (folder.exists() or folder.is_symlink()) and not force:
+    if (folder.exists() or folder.is_symlink()) and not only_bookkeeping(folder) and not force:  # not a failed run's
         raise FileExistsError(f"{folder} exists; pass --force to overwrite its export files, or choose --out")
     check_lock_timeout(lock_timeout)
     Ownership.check(folder, "export", force)  # refuse before the model loads and before the lock file is created

@@ -289,12 +289,18 @@ class Job:
         return self.dir / PREDICTIONS, len(rows)
 
 
-def write_predictions(path: Path, rows: list) -> Path:
-    """``rows`` as a ``predictions.json`` at ``path`` (atomic; a link there is replaced, never written through)."""
+def write_predictions(path: Path, rows: list, replace: bool = True) -> Path:
+    """``rows`` as a ``predictions.json`` at ``path`` (atomic; a link there is replaced, never written through).
+    With ``replace=False`` a file there, also one another run wrote meanwhile, is kept: :class:`JobError`."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(2, "the folder of OUT does not exist", str(path.parent))
-    _io.atomic_write_text(path, json.dumps(rows))
+    try:
+        _io.atomic_write_text(path, json.dumps(rows), replace)
+    except FileExistsError:
+        raise JobError(
+            f"{path} exists (written by another run meanwhile?); it is kept; use --force to overwrite it"
+        ) from None
     return path
 
 
@@ -343,7 +349,7 @@ def merge(out, shard_dirs, force: bool = False) -> tuple[Path, int, int]:
             )
     _check_shards(found, force)
     rows = [r for i in sorted(rows_of) for r in rows_of[i]]
-    return write_predictions(out, rows), len(rows), len(rows_of)
+    return write_predictions(out, rows, replace=force), len(rows), len(rows_of)
 
 
 def _collect(d: Path, job: dict, seen: dict, rows_of: dict) -> list[str]:

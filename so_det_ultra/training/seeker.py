@@ -142,7 +142,7 @@ def fit_seeker(
     t_start = time.perf_counter()
     _check(weights, cache, recall, recall_of, holdout, variants, epochs)
     out = Path(out) if out else Path(model).with_name(f"{Path(model).stem}-seeker.pt")
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise FileExistsError(f"{out} exists; pass force=True (so-det fit-seeker --force) to replace it")
     device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     rng = random.Random(seed)
@@ -221,7 +221,7 @@ def fit_seeker(
         "seconds": {"features": t_cache, "training": t_train, "total": time.perf_counter() - t_start},
         "so_det_ultra": __version__,
     }
-    write_checkpoint(ckpt, net, out, info)
+    write_checkpoint(ckpt, net, out, info, replace=force)
     say(
         f"fit-seeker: threshold {thr:g} keeps {100 * rec:.1f} % of {info['heldout_objects']} held-out "
         f"{'objects' if recall_of == 'objects' else 'detected objects'} in {npatch:.1f} patches per frame (target "

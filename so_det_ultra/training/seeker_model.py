@@ -154,11 +154,12 @@ def load_checkpoint(path, unsafe: bool = False) -> tuple[dict, torch.nn.Module]:
     return ckpt, deepcopy(model).float().eval()
 
 
-def write_checkpoint(ckpt: dict, model, out, info: dict) -> Path:
+def write_checkpoint(ckpt: dict, model, out, info: dict, replace: bool = True) -> Path:
     """Write ``model`` into a copy of checkpoint dict ``ckpt`` at ``out`` (an exclusive temporary file in the same
     folder, then renamed), as Ultralytics writes a finished training's checkpoint: the model in the stored dtype in
     place of the input's ``model``/``ema``, no optimizer state, ``epoch`` -1, ``date`` and ``version``
-    (Ultralytics') stamped, the package version in the model YAML, and ``fit_seeker`` holding ``info``."""
+    (Ultralytics') stamped, the package version in the model YAML, and ``fit_seeker`` holding ``info``. With
+    ``replace=False`` a file that appeared at ``out`` meanwhile (another run's) is kept: FileExistsError."""
     import ultralytics
 
     out = Path(out)
@@ -178,5 +179,11 @@ def write_checkpoint(ckpt: dict, model, out, info: dict) -> Path:
     )
     buffer = io.BytesIO()
     torch.save(new, buffer)
-    atomic_write_bytes(out, buffer.getvalue())  # complete or not at all; a link at ``out`` is replaced, not followed
+    try:  # complete or not at all; a link at ``out`` is replaced, not followed
+        atomic_write_bytes(out, buffer.getvalue(), replace)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{out} was created by something else while the seeker was fitted; it is kept and nothing was written "
+            "(give another out, or force=True / --force to replace it)"
+        ) from None
     return out
