@@ -77,7 +77,7 @@ def test_empty_head_is_a_clear_error(tmp_path, so_det_cfg, head):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def saved_checkpoints(tmp_path_factory):
     """A plain so-det-n checkpoint and one whose pickle runs ``os.mkdir(marker)`` when loaded in full."""
     root = tmp_path_factory.mktemp("ckpt")
     good = root / "good.pt"
@@ -87,6 +87,16 @@ def checkpoints(tmp_path_factory):
     evil = root / "evil.pt"
     torch.save(ckpt, evil)
     return good, evil, root / "ran"
+
+
+@pytest.fixture
+def checkpoints(saved_checkpoints):
+    """The module's checkpoints, the marker removed: every test starts without it, whatever ran before (the
+    full-pickle test makes it on purpose)."""
+    marker = saved_checkpoints[2]
+    if marker.exists():
+        marker.rmdir()
+    return saved_checkpoints
 
 
 def test_load_model_is_safe_by_default(checkpoints):
@@ -119,8 +129,6 @@ def test_every_predict_mode_refuses_an_unsafe_checkpoint(checkpoints, mode):
     from so_det_ultra.highres.engines import open_predictor
 
     _, evil, marker = checkpoints
-    if marker.exists():
-        marker.rmdir()  # made by test_unsafe_load_opts_out
     with pytest.raises(UnsafeCheckpointError, match="--unsafe-load"):
         open_predictor(evil, mode, device="cpu")
     assert not marker.exists(), f"{mode}: the checkpoint's code ran"
