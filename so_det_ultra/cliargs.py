@@ -52,6 +52,17 @@ def kwargs_for(fn, args: argparse.Namespace, **extra) -> dict:
     return {k: v for k, v in given.items() if k in params}
 
 
+def unsafe_load_option(parser, what: str = "the checkpoint", **kwargs):
+    """``--unsafe-load``, one wording for every command that reads a checkpoint (``kwargs`` go to ``add_argument``)."""
+    return parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help=f"read {what} with full pickle instead of the safe (weights-only) reader: it can run code stored in the "
+        "file, so only for files you trust",
+        **kwargs,
+    )
+
+
 def _show(v) -> str:
     if isinstance(v, (list, tuple)):
         return " ".join(map(str, v)) if v else "none"

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from so_det_ultra.cliargs import HelpFormatter, kwargs_for, option
+from so_det_ultra.cliargs import HelpFormatter, kwargs_for, option, unsafe_load_option
 
 
 def _sparse():
@@ -49,12 +49,7 @@ def add_parser(sub) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="checkpoint (.pt) or model YAML")
-    p.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="load a .pt checkpoint with full pickle instead of Ultralytics' safe (weights-only) loader: it can run "
-        "code stored in the file, so only for files you trust",
-    )
+    unsafe_load_option(p, "a checkpoint")
     p.add_argument(
         "--source",
         required=True,

@@ -130,10 +130,6 @@ def letterbox(img: np.ndarray, imgsz: int | None, stride: int, device="cpu") -> 
     return x.float().div_(255).unsqueeze(0)
 
 
-def model_stride(model) -> int:
-    return int(max(model.stride.tolist())) if hasattr(model, "stride") else 32
-
-
 def nms_merge(det: torch.Tensor, iou: float = 0.5, agnostic: bool = False, max_det: int = 1000) -> torch.Tensor:
     """Class-aware (or agnostic) NMS over ``(N, 6)`` rows ``x1, y1, x2, y2, score, class``; best first."""
     if not len(det):

@@ -33,6 +33,8 @@ import json
 import sys
 from pathlib import Path
 
+from so_det_ultra.cliargs import unsafe_load_option
+
 FORMATS = ("onnx", "openvino", "engine")
 META = "metadata.json"
 OPSET = 17
@@ -466,12 +468,7 @@ def add_export_parser(sub) -> None:
         action="store_true",
         help="replace an earlier export in an existing folder (only the files the export writes)",
     )
-    p.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="load the checkpoint with full pickle instead of Ultralytics' safe (weights-only) loader: it can run "
-        "code stored in the file, so only for files you trust",
-    )
+    unsafe_load_option(p)
     p.add_argument(
         "--lock-timeout",
         type=float,

@@ -38,6 +38,7 @@ import torch
 
 from so_det_ultra.data import tiling
 from so_det_ultra.highres import common
+from so_det_ultra.nn.graph import model_stride
 
 Window = tuple[int, int, int, int]
 
@@ -175,7 +176,7 @@ class TileModel:
         else:  # loaded here (safe loading), then AutoBackend's channels-last layout on x86 CPUs, as YOLO.predict
             loaded = common.load_model(model, device)
             self.net = AutoBackend(loaded, device=self.device, verbose=False)
-            self.shape, self.stride = None, common.model_stride(loaded)
+            self.shape, self.stride = None, model_stride(loaded)
         self.names = self.net.names
 
     def letterbox(self, img: np.ndarray, imgsz: int | None) -> torch.Tensor:

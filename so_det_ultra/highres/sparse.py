@@ -42,7 +42,7 @@ from so_det_ultra.highres.runs import BUCKET, batches, crop, merge_crops, placem
 from so_det_ultra.highres.sparse_head import HEAD_DILATE, dilate, sparse_detect
 from so_det_ultra.nn.esod import SeekerDetect
 from so_det_ultra.nn.graph import layer_inputs as _inputs
-from so_det_ultra.nn.graph import seeker_index, seeker_threshold
+from so_det_ultra.nn.graph import model_stride, seeker_index, seeker_threshold
 from so_det_ultra.nn.graph import sources as _sources
 
 
@@ -77,7 +77,7 @@ class SparseModel:
         if isinstance(head, SeekerDetect) and [m for m in self.rest if seek in _sources(m)] == [head]:
             self.needed.discard(seek)  # SeekerDetect passes the logits to the loss only: no need to crop them
         self.names = self.model.names
-        self.stride = common.model_stride(self.model)
+        self.stride = model_stride(self.model)
         self.device = torch.device(device)
         self.cell, self.factor = self._measure(device)
         self.align = max(self.stride // self.cell, 1)  # cells per largest stride: corners snap to the deepest grid

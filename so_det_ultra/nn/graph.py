@@ -34,6 +34,11 @@ def run_layers(layers, x, y: list):
     return x
 
 
+def model_stride(model) -> int:
+    """The model's largest stride (32 when it has none): the grid that inputs, patches and crops line up with."""
+    return int(max(model.stride.tolist())) if hasattr(model, "stride") else 32
+
+
 def seeker_index(model, needed_by: str, hint: str = "use so-det-esod-*.yaml") -> int:
     """Index of the one :class:`~so_det_ultra.nn.esod.ObjectSeeker` layer of ``model`` (a model or a layer list).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from so_det_ultra.cliargs import HelpFormatter, kwargs_for, option
+from so_det_ultra.cliargs import HelpFormatter, kwargs_for, option, unsafe_load_option
 from so_det_ultra.data._io import os_error_text
 
 
@@ -61,9 +61,7 @@ def add_parser(sub) -> None:
                    help="recall without patch pruning (as sparse_predict(prune=False))")  # fmt: skip
     option(p, "--seed", type=int, help="seed of augmentation and order", defaults_from=_fit)
     p.add_argument("--force", action="store_true", default=argparse.SUPPRESS, help="replace an existing --out")
-    p.add_argument("--unsafe-load", action="store_true", default=argparse.SUPPRESS,
-                   help="read --model with full pickle loading: it can run code stored in the file; only for files you "
-                   "trust")  # fmt: skip
+    unsafe_load_option(p, "--model", default=argparse.SUPPRESS)
     p.set_defaults(func=_run)
 
 

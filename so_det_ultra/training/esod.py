@@ -27,7 +27,7 @@ import torch
 from so_det_ultra.losses.config import loss_config
 from so_det_ultra.losses.esod import ESODLoss, heatmap_target
 from so_det_ultra.nn.esod import SEEK_KEY
-from so_det_ultra.nn.graph import layer_inputs, run_layers, seeker_index, stem_reads
+from so_det_ultra.nn.graph import layer_inputs, model_stride, run_layers, seeker_index, stem_reads
 
 KEY = "esod_train"  # model-YAML key
 DEFAULTS = {"patch": 8, "warmup_epochs": 3, "warmup_keep": "all"}
@@ -128,7 +128,7 @@ def patch_preds(model, batch: dict, cfg: dict, epoch: int = 0, epochs: int | Non
     img = batch["img"]
     y = []
     seek = run_layers(layers[: k + 1], img, y)  # the stem on the whole image
-    max_stride = int(max(model.stride.tolist()))
+    max_stride = model_stride(model)
     origin, size = uniform_origins(img.shape[0], tuple(img.shape[2:]), cfg["patch"], max_stride)
     keep = None
     if cfg["warmup_keep"] == "gt" and in_warmup(cfg, epoch, epochs):

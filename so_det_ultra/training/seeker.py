@@ -38,7 +38,7 @@ import torch
 from so_det_ultra._version import __version__
 from so_det_ultra.losses.esod import WEIGHTS, class_ratio, heatmap_bce
 from so_det_ultra.nn.esod import SEEKER_STRIDE, ObjectSeeker
-from so_det_ultra.nn.graph import sources
+from so_det_ultra.nn.graph import model_stride, sources
 from so_det_ultra.nn.slicer import THRESHOLD
 from so_det_ultra.training.seeker_data import (
     FeatureCache,
@@ -53,7 +53,6 @@ from so_det_ultra.training.seeker_model import (
     calibrate_bn,
     freeze_all_but_seeker,
     load_checkpoint,
-    max_stride,
     round_like_checkpoint,
     seeker_logits,
     write_checkpoint,
@@ -154,7 +153,7 @@ def fit_seeker(
     had = any(isinstance(m, ObjectSeeker) for m in net.model)
     k = add_seeker(net, layer)
     seeker = freeze_all_but_seeker(net, k)
-    src, stride = sources(seeker)[0], max_stride(net)
+    src, stride = sources(seeker)[0], model_stride(net)
     frames, cfg = load_frames(data, split, fraction)
     every = max(2, round(1 / holdout))
     held = [f for n, f in enumerate(frames) if n % every == every - 1]

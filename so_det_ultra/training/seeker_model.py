@@ -20,7 +20,7 @@ from so_det_ultra._version import __version__
 from so_det_ultra.data._io import atomic_write_bytes
 from so_det_ultra.nn.checkpoints import read_checkpoint
 from so_det_ultra.nn.esod import SEEKER_STRIDE, ObjectSeeker
-from so_det_ultra.nn.graph import insert_layer, output_shapes, seeker_index
+from so_det_ultra.nn.graph import insert_layer, model_stride, output_shapes, seeker_index
 
 STAMP_KEY = "so_det_ultra"  # model.yaml key of the version stamp: integration.checkpoint.KEY (a test checks)
 
@@ -41,7 +41,7 @@ def add_seeker(model, layer: int | None = None, k: int = 13) -> int:
     """
     if any(isinstance(m, ObjectSeeker) for m in model.model):
         return seeker_index(model, "fit-seeker")
-    size = 4 * max_stride(model)
+    size = 4 * model_stride(model)
     shapes = output_shapes(model.model, size, (model.yaml or {}).get("channels", 3))
     ok = [i for i, s in enumerate(shapes[:-1]) if s is not None and len(s) == 4 and size // s[-1] == SEEKER_STRIDE]
     if layer is None:
@@ -54,10 +54,6 @@ def add_seeker(model, layer: int | None = None, k: int = 13) -> int:
     seeker = ObjectSeeker(shapes[layer][1], k).to(next(model.parameters()).device)
     insert_layer(model, seeker, layer + 1, [layer, 1, "ObjectSeeker", [k]])
     return layer + 1
-
-
-def max_stride(model) -> int:
-    return int(max(model.stride.tolist())) if hasattr(model, "stride") else 32
 
 
 def freeze_all_but_seeker(model, k: int) -> ObjectSeeker:
