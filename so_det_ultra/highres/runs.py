@@ -25,9 +25,6 @@ class Run(NamedTuple):
     cores: tuple
 
 
-_Run = Run  # the name of earlier versions
-
-
 def _area(b) -> int:
     return (b[2] - b[0]) * (b[3] - b[1])
 

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 
 from so_det_ultra.highres import common
 from so_det_ultra.highres.patches import THRESHOLD, find_centres, make_patches, official_patch, select_patches
-from so_det_ultra.highres.runs import BUCKET, batches, crop, merge_crops, placement, plan_runs
+from so_det_ultra.highres.runs import BUCKET, batches, crop, placement, plan_runs
 from so_det_ultra.highres.sparse_head import HEAD_DILATE, dilate, sparse_detect
 from so_det_ultra.nn.esod import SeekerDetect
 from so_det_ultra.nn.graph import layer_inputs as _inputs
-from so_det_ultra.nn.graph import model_stride, seeker_index, seeker_threshold
+from so_det_ultra.nn.graph import model_stride, run_layers, seeker_index, seeker_threshold
 from so_det_ultra.nn.graph import sources as _sources
 
 
@@ -113,10 +113,7 @@ class SparseModel:
         """Outputs of every stem layer on the full frame ``x`` (1, C, H, W) float (the last: the seeker's logits);
         ``layers`` replaces the stem's layers (same ``from`` indices)."""
         y = []
-        for m in layers or self.stem:
-            x = _inputs(m, x, y)
-            x = m(x)
-            y.append(x)
+        run_layers(layers or self.stem, x, y)
         return y
 
     @torch.no_grad()
@@ -170,10 +167,7 @@ class SparseModel:
     @torch.no_grad()
     def _rest_features(self, crops: dict):
         y = [crops.get(j) for j in range(self.k + 1)]
-        x = y[-1]
-        for m in self.rest[:-1]:
-            x = m(_inputs(m, x, y))
-            y.append(x)
+        x = run_layers(self.rest[:-1], y[-1], y)
         head = self.rest[-1]
         return head, _inputs(head, x, y)
 
@@ -265,7 +259,7 @@ def run_patches(engine, stem_out: dict, patches, batch: int = 16, head_mask=None
     common box at no extra area run as that box (:func:`.runs.merge_crops`). ``head_mask`` (H/cell, W/cell) bool
     switches on the sparse head (PyTorch only): Detect is evaluated only at those cells.
     """
-    runs = merge_crops(patches) if merge else plan_runs(patches, None, merge=False)
+    runs = plan_runs(patches, None, merge)  # no frame shape: merged boxes are not rounded to buckets
     if head_mask is None:
         raw, _ = run_frame(engine, stem_out, runs, batch)
     else:
